@@ -1,0 +1,270 @@
+"""Generate the synthetic knee cohort: an OAI-like folder tree plus manifests.
+
+Layout under ``out``::
+
+    cohort.json                      generator config, seed, version
+    manifest.csv                     one row per knee-visit (schema: data_manifests/knee_visit.schema.json)
+    subjects.csv                     one row per subject
+    subjects/<id>/<MM>_MONTH/XRAY/PA_BILATERAL/001                     bilateral PA radiograph (DICOM)
+    subjects/<id>/<MM>_MONTH/MR_SAG_3D_DESS/<RIGHT|LEFT>_KNEE/dicom/001..  DESS series (DICOM)
+    subjects/<id>/<MM>_MONTH/MR_SAG_3D_DESS/<RIGHT|LEFT>_KNEE/{dess,labels}.nii.gz
+    subjects/<id>/<MM>_MONTH/MR_SAG_3D_DESS/<RIGHT|LEFT>_KNEE/{fc,tc}_thickness.npy  analytic maps (mm)
+    subjects/<id>/00_MONTH/DXA/<RIGHT|LEFT>_KNEE/{dxa,dxa_labels}.nii.gz  baseline DXA-like images
+    subjects/<id>/subject.json       every parameter of the subject (analytic ground truth)
+
+Each subject folder is written under a temporary name and renamed when complete; manifests are written
+last. An interrupted run leaves only ``*.partial`` temporaries, which the next run removes; complete
+subjects with the same configuration are reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from pipeline import __version__
+from pipeline.conventions import SIDE_NAMES, SIDES, VISITS, visit_folder
+from pipeline.io.atomic import atomic_dir, remove_partials, write_text_atomic
+
+from .anatomy import knee_at_visit
+from .disease import progression_labels
+from .mr import MRGrid, dess_signal, label_volume, pir_affine_lps, tissue_sdfs, to_pir
+from .radiograph import DetectorGeometry, KneePlacement, dxa_image, expose, line_integrals, to_detector_values
+from .subject import Subject, sample_subject, subject_rng, visit_date
+from .writers import uid, write_mr_series, write_nifti, write_npy, write_radiograph_dicom
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CohortConfig:
+    """Generator settings. Units: mm; visits in months."""
+
+    n_subjects: int = 60
+    seed: int = 0
+    visits: tuple[int, ...] = (0, 12, 24, 48)
+    missing_rate: float = 0.15
+    xray_spacing_mm: float = 0.3
+    xray_bits: int = 12
+    monochrome1_fraction: float = 0.3
+    mr_spacing_mm: tuple[float, float, float] = (0.7, 0.7, 0.7)  #: (medial-lateral, AP, SI)
+    mr_half_extent_mm: tuple[float, float, float] = (50.0, 48.0, 48.0)
+    map_size: int = 128
+    write_mr_dicom: bool = True
+    write_dxa: bool = True
+    workers: int = 2
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        problems = []
+        if self.n_subjects < 1:
+            problems.append(f"n_subjects must be >= 1 (got {self.n_subjects})")
+        if not self.visits or any(v not in VISITS for v in self.visits) or list(self.visits) != sorted(set(self.visits)):
+            problems.append(f"visits must be increasing months from {VISITS} (got {list(self.visits)})")
+        elif self.visits[0] != 0:
+            problems.append("visits must start with the baseline visit 0")
+        if not 0.0 <= self.missing_rate < 1.0:
+            problems.append(f"missing_rate must be in [0, 1) (got {self.missing_rate})")
+        if not 0.05 <= self.xray_spacing_mm <= 2.0:
+            problems.append(f"xray_spacing_mm must be in [0.05, 2] mm (got {self.xray_spacing_mm})")
+        if not 8 <= self.xray_bits <= 16:
+            problems.append(f"xray_bits must be 8..16 (got {self.xray_bits})")
+        if len(self.mr_spacing_mm) != 3 or not all(0.2 <= s <= 3.0 for s in self.mr_spacing_mm):
+            problems.append(f"mr_spacing_mm needs 3 values in [0.2, 3] mm (got {self.mr_spacing_mm})")
+        if not 16 <= self.map_size <= 1024:
+            problems.append(f"map_size must be 16..1024 (got {self.map_size})")
+        if not 0.0 <= self.monochrome1_fraction <= 1.0:
+            problems.append(f"monochrome1_fraction must be in [0, 1] (got {self.monochrome1_fraction})")
+        if self.workers < 1:
+            problems.append(f"workers must be >= 1 (got {self.workers})")
+        if problems:
+            raise ValueError("invalid cohort configuration: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("workers")  # does not change the output
+        return d
+
+    def digest(self) -> str:
+        """Hash of everything that determines the bytes of one subject's files."""
+        d = self.to_dict()
+        d.pop("n_subjects")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+TINY = dict(xray_spacing_mm=1.0, mr_spacing_mm=(1.6, 1.6, 1.6), map_size=32, visits=(0, 24, 48), missing_rate=0.0)
+
+
+def _patient(sub: Subject, month: int, study_uid: str) -> dict:
+    return {"PatientID": sub.subject_id, "PatientSex": sub.sex, "PatientAge": sub.age + month / 12.0,
+            "StudyDate": visit_date(sub.baseline_date, month), "StudyInstanceUID": study_uid, "Site": sub.site}
+
+
+def _klg_all_months(sub: Subject) -> dict[str, dict[int, int]]:
+    return {side: {m: knee_at_visit(spec, m).klg for m in VISITS} for side, spec in sub.knees.items()}
+
+
+def generate_subject(cfg: CohortConfig, index: int, root: Path) -> list[dict]:
+    """Write one subject (all visits) atomically under ``root/subjects/<id>``; return its manifest rows."""
+    sub = sample_subject(cfg.seed, index, cfg.visits, cfg.missing_rate)
+    final = root / "subjects" / sub.subject_id
+    done = final / "rows.json"
+    digest = cfg.digest()
+    if done.exists():
+        cached = json.loads(done.read_text())
+        if cached.get("config_digest") == digest:
+            return cached["rows"]
+    rng = subject_rng(cfg.seed, index, 10)
+    geom = DetectorGeometry(cfg.xray_spacing_mm)
+    klg_months = _klg_all_months(sub)
+    labels = {side: progression_labels(klg_months[side]) for side in SIDES}
+    rows: list[dict] = []
+    with atomic_dir(final) as tmp:
+        for month in sub.visits:
+            vdir = Path(visit_folder(month))
+            study_uid = uid(cfg.seed, sub.subject_id, month, "study")
+            patient = _patient(sub, month, study_uid)
+            knees = {side: knee_at_visit(sub.knees[side], month) for side in SIDES}
+            # --- bilateral radiograph: both knees projected together
+            places = {}
+            for side in SIDES:
+                sign = 1.0 if side == "L" else -1.0
+                places[side] = KneePlacement(side, (sign * sub.knee_distance_mm / 2.0 + rng.normal(0, 3.0),
+                                                    rng.normal(0, 4.0)),
+                                             sub.knees[side].leg_angle + rng.normal(0, np.deg2rad(1.0)))
+            P = line_integrals([(knees[s], places[s]) for s in SIDES], geom)
+            values = to_detector_values(expose(P, cfg.xray_spacing_mm, rng), cfg.xray_bits)
+            mono1 = bool(rng.random() < cfg.monochrome1_fraction)
+            rescale = (2.0, -1000.0) if rng.random() < 0.2 else (1.0, 0.0)
+            xray_rel = vdir / "XRAY" / "PA_BILATERAL" / "001"
+            write_radiograph_dicom(tmp / xray_rel, values, cfg.xray_spacing_mm, patient,
+                                   series_uid=uid(study_uid, "xray"), sop_uid=uid(study_uid, "xray", 1),
+                                   monochrome1=mono1, bits_stored=cfg.xray_bits,
+                                   rescale=rescale if cfg.xray_bits <= 13 else (1.0, 0.0))
+            for side in SIDES:
+                kv = knees[side]
+                place = places[side]
+                lm_knee = kv.landmark_positions()
+                X, Z = place.to_world(lm_knee[:, 0], lm_knee[:, 1])
+                col, row = geom.world_to_pixel(X, Z)
+                pts = np.stack([col, row], axis=1)
+                if side == "R":  # order each group left -> right in the image
+                    pts = np.concatenate([pts[:9][::-1], pts[9:][::-1]])
+                kdir = vdir / "MR_SAG_3D_DESS" / f"{SIDE_NAMES[side]}_KNEE"
+                # --- DESS MR + labels + analytic thickness maps
+                grid = MRGrid.around_knee(cfg.mr_spacing_mm, cfg.mr_half_extent_mm,
+                                          offset=tuple(rng.normal(0, 1.5, 3)))
+                sdfs = tissue_sdfs(kv, grid)
+                lab = to_pir(label_volume(sdfs), side)
+                mr = to_pir(dess_signal(sdfs, grid.spacing, rng), side)
+                centre = ((1.0 if side == "L" else -1.0) * 95.0 + rng.normal(0, 5), rng.normal(0, 5), rng.normal(0, 5))
+                aff = pir_affine_lps(grid, side, centre)
+                mr_u16 = np.round(np.clip(mr * 1500.0, 0, 65535)).astype(np.uint16)
+                if cfg.write_mr_dicom:
+                    write_mr_series(tmp / kdir / "dicom", mr_u16, aff, patient,
+                                    series_uid=uid(study_uid, side, "dess"), laterality=side)
+                write_nifti(tmp / kdir / "dess.nii.gz", mr_u16, aff, dtype=np.uint16)
+                write_nifti(tmp / kdir / "labels.nii.gz", lab, aff, dtype=np.uint8)
+                maps = kv.thickness_maps((cfg.map_size, cfg.map_size))
+                write_npy(tmp / kdir / "fc_thickness.npy", maps["fc"])
+                write_npy(tmp / kdir / "tc_thickness.npy", maps["tc"])
+                dxa_rel = dxal_rel = ""
+                if cfg.write_dxa and month == cfg.visits[0]:
+                    ddir = vdir / "DXA" / f"{SIDE_NAMES[side]}_KNEE"
+                    dimg, dlab = dxa_image(kv, place, rng=rng)
+                    # i -> patient's left (+X), j -> feet (-Z), k -> posterior (+Y); 0.5 mm pixels
+                    daff = np.array([[0.5, 0, 0, place.centre[0] - 75.0], [0, 0, 1.0, 0],
+                                     [0, -0.5, 0, place.centre[1] + 100.0], [0, 0, 0, 1.0]])
+                    write_nifti(tmp / ddir / "dxa.nii.gz", dimg.T[:, :, None], daff, dtype=np.float32)
+                    write_nifti(tmp / ddir / "dxa_labels.nii.gz", dlab.T[:, :, None], daff, dtype=np.uint8)
+                    dxa_rel, dxal_rel = str(ddir / "dxa.nii.gz"), str(ddir / "dxa_labels.nii.gz")
+                jsw_m, jsw_l = kv.radiographic_jsw()
+                base = Path("subjects") / sub.subject_id
+                rows.append({
+                    "subject_id": sub.subject_id, "side": side, "visit_month": int(month),
+                    "xray_dicom": str(base / xray_rel),
+                    "dess_dicom_dir": str(base / kdir / "dicom") if cfg.write_mr_dicom else "",
+                    "dess_nifti": str(base / kdir / "dess.nii.gz"),
+                    "labels_nifti": str(base / kdir / "labels.nii.gz"),
+                    "fc_map": str(base / kdir / "fc_thickness.npy"),
+                    "tc_map": str(base / kdir / "tc_thickness.npy"),
+                    "dxa_nifti": str(base / dxa_rel) if dxa_rel else "",
+                    "dxa_labels_nifti": str(base / dxal_rel) if dxal_rel else "",
+                    "landmarks": json.dumps(np.round(pts, 3).tolist()),
+                    "joint_centre_x": round(float(pts[4, 0]), 3), "joint_centre_y": round(float(pts[4, 1]), 3),
+                    "xray_spacing_mm": cfg.xray_spacing_mm, "xray_monochrome1": int(mono1),
+                    "klg": kv.klg, "jsn_grade": kv.jsn, "osteophyte_grade": kv.ost,
+                    "jsw_medial_mm": round(jsw_m, 4), "jsw_lateral_mm": round(jsw_l, 4),
+                    "cartilage_medial_mm": round(kv.contact_jsw_mm[0], 4),
+                    "cartilage_lateral_mm": round(kv.contact_jsw_mm[1], 4),
+                    "severity": round(kv.severity, 4), "phenotype": kv.spec.disease.phenotype,
+                    "progression_72m": labels[side][0], "progression_3class": labels[side][1],
+                    "age": round(sub.age + month / 12.0, 1), "sex": sub.sex, "bmi": sub.bmi, "site": sub.site,
+                    "study_date": patient["StudyDate"],
+                })
+        info = {"subject": _jsonable(dataclasses.asdict(sub)), "klg_by_month": klg_months}
+        write_text_atomic(tmp / "subject.json", json.dumps(info, indent=1, sort_keys=True))
+        write_text_atomic(tmp / "rows.json", json.dumps({"config_digest": digest, "rows": rows}, indent=1))
+    return rows
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    return x
+
+
+def _work(args):
+    cfg, index, root = args
+    return generate_subject(cfg, index, Path(root))
+
+
+def generate_cohort(out: str | os.PathLike, cfg: CohortConfig, progress: bool = True) -> pd.DataFrame:
+    """Generate (or complete) the cohort under ``out``; returns the manifest as a DataFrame."""
+    root = Path(out)
+    try:
+        (root / "subjects").mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test{os.getpid()}.partial"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"cannot write the cohort to '{root}': {e.strerror or e}. "
+                              "Choose a writable folder with --out.") from None
+    remove_partials(root)
+    remove_partials(root / "subjects")
+    jobs = [(cfg, i, str(root)) for i in range(cfg.n_subjects)]
+    rows: list[dict] = []
+    bar = tqdm(total=len(jobs), desc="cohort subjects", unit="subj", disable=not progress)
+    if cfg.workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=cfg.workers) as ex:
+            for r in ex.map(_work, jobs):
+                rows += r
+                bar.update(1)
+    else:
+        for j in jobs:
+            rows += _work(j)
+            bar.update(1)
+    bar.close()
+    manifest = pd.DataFrame(rows)
+    subjects = (manifest.groupby("subject_id", sort=True)
+                .agg(sex=("sex", "first"), bmi=("bmi", "first"), site=("site", "first"),
+                     age_baseline=("age", "min"), n_visits=("visit_month", "nunique")).reset_index())
+    write_text_atomic(root / "manifest.csv", manifest.to_csv(index=False))
+    write_text_atomic(root / "subjects.csv", subjects.to_csv(index=False))
+    meta = {"format_version": FORMAT_VERSION, "generator": f"kneeoa-pipeline {__version__}",
+            "config": cfg.to_dict(), "config_digest": cfg.digest(), "n_rows": len(manifest)}
+    write_text_atomic(root / "cohort.json", json.dumps(meta, indent=1, sort_keys=True))
+    return manifest

@@ -1,0 +1,27 @@
+"""Shared fixtures: one tiny synthetic cohort per test session (a few seconds on 2 cores)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory):
+    """A 3-subject tiny cohort (1 mm radiographs, 1.6 mm MR, visits 0/24/48). Returns (root, manifest)."""
+    from pipeline.cohort.generate import TINY, CohortConfig, generate_cohort
+
+    root = tmp_path_factory.mktemp("tiny_cohort")
+    cfg = CohortConfig(n_subjects=3, seed=7, workers=2, **TINY)
+    manifest = generate_cohort(root, cfg, progress=False)
+    return root, manifest
