@@ -57,7 +57,7 @@ class CohortConfig:
     xray_bits: int = 12
     monochrome1_fraction: float = 0.3
     mr_spacing_mm: tuple[float, float, float] = (0.7, 0.7, 0.7)  #: (medial-lateral, AP, SI)
-    mr_half_extent_mm: tuple[float, float, float] = (50.0, 48.0, 48.0)
+    mr_half_extent_mm: tuple[float, float, float] = (47.0, 45.0, 45.0)
     map_size: int = 128
     write_mr_dicom: bool = True
     write_dxa: bool = True

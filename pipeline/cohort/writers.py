@@ -91,7 +91,8 @@ def write_radiograph_dicom(path: str | Path, values: np.ndarray, spacing_mm: flo
 
 def write_mr_series(folder: str | Path, volume_pir: np.ndarray, affine_lps: np.ndarray, patient: dict, *,
                     series_uid: str, laterality: str, description: str = "SAG_3D_DESS") -> None:
-    """Sagittal MR series, one DICOM file per slice ``k`` of a ``[i, j, k]`` volume.
+    """Sagittal MR series, one DICOM file per slice ``k`` of a ``[i, j, k]`` volume (written in place:
+    write into a temporary folder and rename it for an atomic series).
 
     Slice pixel arrays are ``volume[:, :, k].T`` (rows = j, columns = i). ``affine_lps`` maps (i, j, k) to
     LPS mm, so ImageOrientationPatient = (column direction of i, row direction of j) and
@@ -103,39 +104,42 @@ def write_mr_series(folder: str | Path, volume_pir: np.ndarray, affine_lps: np.n
     sx = np.linalg.norm(affine_lps[:3, :3], axis=0)
     row_dir = affine_lps[:3, 0] / sx[0]
     col_dir = affine_lps[:3, 1] / sx[1]
-    for k in range(vol.shape[2]):
+    ds = _base_dataset(MR_SOP_CLASS, uid(series_uid, 0), patient)
+    ds.Modality = "MR"
+    ds.SeriesInstanceUID = series_uid
+    ds.FrameOfReferenceUID = uid(series_uid, "for")
+    ds.SeriesNumber = 2
+    ds.SeriesDescription = description
+    ds.ProtocolName = description
+    ds.BodyPartExamined = "KNEE"
+    ds.Laterality = laterality
+    ds.ImageLaterality = laterality
+    ds.MRAcquisitionType = "3D"
+    ds.ScanningSequence = "GR"
+    ds.ImageOrientationPatient = [f"{x:.6f}" for x in (*row_dir, *col_dir)]
+    ds.PixelSpacing = [f"{sx[1]:.6g}", f"{sx[0]:.6g}"]  # [row spacing (along j), column spacing (along i)]
+    ds.SliceThickness = f"{sx[2]:.6g}"
+    ds.SpacingBetweenSlices = f"{sx[2]:.6g}"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = vol.shape[1], vol.shape[0]
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    normal = np.cross(row_dir, col_dir)
+    for k in range(vol.shape[2]):  # one dataset, per-slice fields updated in place (fast)
         pos = affine_lps @ np.array([0.0, 0.0, k, 1.0])
         sop = uid(series_uid, k)
-        ds = _base_dataset(MR_SOP_CLASS, sop, patient)
-        ds.Modality = "MR"
-        ds.SeriesInstanceUID = series_uid
-        ds.FrameOfReferenceUID = uid(series_uid, "for")
-        ds.SeriesNumber = 2
+        ds.SOPInstanceUID = sop
+        ds.file_meta.MediaStorageSOPInstanceUID = sop
         ds.InstanceNumber = k + 1
-        ds.SeriesDescription = description
-        ds.ProtocolName = description
-        ds.BodyPartExamined = "KNEE"
-        ds.Laterality = laterality
-        ds.ImageLaterality = laterality
-        ds.MRAcquisitionType = "3D"
-        ds.ScanningSequence = "GR"
-        ds.ImageOrientationPatient = [f"{x:.6f}" for x in (*row_dir, *col_dir)]
         ds.ImagePositionPatient = [f"{x:.4f}" for x in pos[:3]]
-        ds.SliceLocation = f"{float(np.dot(pos[:3], np.cross(row_dir, col_dir))):.4f}"
-        ds.PixelSpacing = [f"{sx[1]:.6g}", f"{sx[0]:.6g}"]  # [row spacing (along j), column spacing (along i)]
-        ds.SliceThickness = f"{sx[2]:.6g}"
-        ds.SpacingBetweenSlices = f"{sx[2]:.6g}"
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        sl = np.ascontiguousarray(vol[:, :, k].T)
-        ds.Rows, ds.Columns = sl.shape
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 0
-        ds.PixelData = sl.tobytes()
-        with atomic_path(folder / f"{k + 1:03d}") as tmp:
-            ds.save_as(tmp, enforce_file_format=True)
+        ds.SliceLocation = f"{float(np.dot(pos[:3], normal)):.4f}"
+        ds.PixelData = np.ascontiguousarray(vol[:, :, k].T).tobytes()
+        # No per-slice rename: the series folder is made complete-or-absent by the caller (the cohort
+        # generator writes each subject into a temporary folder that is renamed when done).
+        ds.save_as(folder / f"{k + 1:03d}", enforce_file_format=True)
 
 
 def write_nifti(path: str | Path, array: np.ndarray, affine_lps: np.ndarray, dtype=None) -> None:
@@ -147,7 +151,7 @@ def write_nifti(path: str | Path, array: np.ndarray, affine_lps: np.ndarray, dty
     img.header.set_sform(img.affine, code=1)
     raw = img.to_bytes()
     buf = io.BytesIO()
-    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, compresslevel=4) as gz:
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, compresslevel=1) as gz:
         gz.write(raw)
     with atomic_path(path, suffix=".nii.gz") as tmp:
         tmp.write_bytes(buf.getvalue())
