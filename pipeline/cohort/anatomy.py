@@ -209,14 +209,17 @@ class KneeVisit:
         return np.stack([np.concatenate([ut, uf]), np.concatenate([wt, wf])], axis=1)
 
     def radiographic_jsw(self, n: int = 41) -> tuple[float, float]:
-        """Minimal vertical gap (mm) between projected femur and tibia in the medial / lateral compartment."""
+        """Minimal vertical gap (mm) between projected femur and tibia in the medial / lateral compartment.
+
+        0 when the projected bones touch or overlap (denuded bone; the plateau rim projects above the
+        contact point)."""
         out = []
         for k in (0, 1):
             cu, _, su, _ = self.spec.tc_footprints[k]
             u = np.linspace(cu - 0.6 * su, cu + 0.6 * su, n)
             gap = self.silhouette("femur", u, top=False, w_range=(-10.0, 25.0), step=0.1) - \
                 self.silhouette("tibia", u, top=True, w_range=(-15.0, 12.0), step=0.1)
-            out.append(float(np.nanmin(gap)))
+            out.append(max(0.0, float(np.nanmin(gap))))
         return out[0], out[1]
 
 

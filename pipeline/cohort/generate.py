@@ -42,7 +42,7 @@ from .radiograph import DetectorGeometry, KneePlacement, dxa_image, expose, line
 from .subject import Subject, sample_subject, subject_rng, visit_date
 from .writers import uid, write_mr_series, write_nifti, write_npy, write_radiograph_dicom
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # bump when the generator's output changes for the same config
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,7 @@ class CohortConfig:
         """Hash of everything that determines the bytes of one subject's files."""
         d = self.to_dict()
         d.pop("n_subjects")
+        d["format_version"] = FORMAT_VERSION
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -49,7 +49,7 @@ def _xray_crop(m: pd.DataFrame, row: pd.Series):
     from pipeline.io.dicom import read_radiograph
 
     img, meta = read_radiograph(resolve(m, row.xray_dicom))
-    sp = np.asarray(meta["spacing"], dtype=float)  # (row, column) mm
+    sp = np.asarray(meta["spacing_mm"], dtype=float)  # (row, column) mm
     pts = np.asarray(json.loads(row.landmarks), dtype=float)
     cx, cy = pts[4]
     half = (ROI_MM / sp / 2.0).round().astype(int)  # (rows, cols)
@@ -117,7 +117,8 @@ def contact_sheet(cohort: str | Path, out_png: str | Path, knees=None) -> Path:
 
 
 def counts_tables(m: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    klg = pd.crosstab(m.visit_month, m.klg).rename_axis(index="visit month", columns="KLG")
+    klg = pd.crosstab(m.visit_month, m.klg).rename_axis(index="visit month", columns=None)
+    klg.columns = [f"KLG {c}" for c in klg.columns]
     base = m[m.visit_month == 0].drop_duplicates(["subject_id", "side"])
     prog = pd.DataFrame({
         "knees": [len(base)],
@@ -143,11 +144,11 @@ def write_cohort_report(cohort: str | Path, out: str | Path) -> Path:
         "",
         "## Knees per KLG and visit",
         "",
-        t["klg"].to_markdown() if _has_tabulate() else t["klg"].to_string(),
+        markdown_table(t["klg"].reset_index()),
         "",
         "## Progression labels (baseline knees)",
         "",
-        t["progression"].to_markdown(index=False) if _has_tabulate() else t["progression"].to_string(index=False),
+        markdown_table(t["progression"]),
         "",
         f"Contact sheet: `{png.name}` (radiograph ROI with landmarks, DESS slice with labels, FC/TC maps).",
         "",
@@ -157,9 +158,10 @@ def write_cohort_report(cohort: str | Path, out: str | Path) -> Path:
     return md
 
 
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def markdown_table(df: pd.DataFrame) -> str:
+    """A GitHub-markdown table of ``df`` (no index), without optional dependencies."""
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row) + " |")
+    return "\n".join(lines)
