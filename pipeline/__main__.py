@@ -38,8 +38,8 @@ def _cohort_args(p: argparse.ArgumentParser, default_n: int) -> None:
                    help="visit months, comma-separated, from 0,12,24,36,48,72,96 (default 0,12,24,48)")
     p.add_argument("--missing-rate", type=float, default=0.15, help="probability that a follow-up visit is missing")
     p.add_argument("--xray-spacing", type=float, default=0.3, help="radiograph pixel spacing in mm (default 0.3)")
-    p.add_argument("--mr-spacing", type=_spacing3, default=(0.7, 0.7, 0.7),
-                   help="MR voxel size in mm: one value or ML,AP,SI (default 0.7)")
+    p.add_argument("--mr-spacing", type=_spacing3, default=(0.7, 0.7, 0.35),
+                   help="MR voxel size in mm: one value or ML,AP,SI (default 0.7,0.7,0.35)")
     p.add_argument("--map-size", type=int, default=128, help="thickness-map grid size in cells (default 128)")
     p.add_argument("--monochrome1", type=float, default=0.3, help="fraction of radiographs stored MONOCHROME1")
     p.add_argument("--no-mr-dicom", action="store_true", help="write the DESS volumes as NIfTI only")
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("cohort", help="generate a synthetic knee cohort")
     c.add_argument("--out", "-o", required=True, help="output folder")
-    _cohort_args(c, 60)
+    _cohort_args(c, 40)
     c.set_defaults(func=cmd_cohort)
     r = sub.add_parser("report", help="cohort report: counts per KLG and visit, contact sheet")
     r.add_argument("cohort", help="cohort folder (with manifest.csv)")
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_report)
     d = sub.add_parser("demo", help="the main job on the embedded default cohort")
     d.add_argument("--out", "-o", default="demo_output", help="output folder (default demo_output)")
-    _cohort_args(d, 60)
+    _cohort_args(d, 40)
     d.set_defaults(func=cmd_demo)
     return p
 

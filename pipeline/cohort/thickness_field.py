@@ -1,12 +1,7 @@
-"""Smooth, subject-specific cartilage thickness fields and the fixed parametric atlas grid.
+"""Smooth, subject-specific cartilage thickness fields on the atlas grid's normalised coordinates.
 
-A field lives on normalised footprint coordinates ``(x, y)`` in ``[-1, 1]``:
-
-* femoral condyle: ``x = phi / PHI_MAX`` (tube angle, -1 medial side of the condyle ... +1 lateral side),
-  ``y = (theta - THETA_MID) / THETA_HALF`` (sagittal angle, -1 anterior ... +1 posterior);
-  footprint = the whole square;
-* tibial plateau: ``x = (u - cu) / su`` (-1 medial rim ... +1 lateral rim), ``y = (b - cb) / sb``
-  (-1 anterior ... +1 posterior); footprint = the unit disc.
+A field lives on the normalised footprint coordinates ``(x, y)`` of :mod:`pipeline.thickness.grid`
+(femoral condyle: square footprint; tibial plateau: unit disc).
 
 Thickness (mm) = healthy pattern (base x (1 + smooth random modes) x rim taper) minus the disease loss
 (a Gaussian on the load-bearing zone scaled by severity) minus focal defects, clipped at 0.
@@ -20,9 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-PHI_MAX = np.deg2rad(55.0)
-THETA_MID = np.deg2rad(25.0)
-THETA_HALF = np.deg2rad(80.0)  # theta from -55 deg (anterior-distal) to +105 deg (posterior)
+from pipeline.thickness.grid import PHI_MAX, THETA_HALF, THETA_MID, atlas_grid  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -78,29 +71,6 @@ def sample_modes(rng: np.random.Generator, n: int = 5, amp: float = 0.07) -> tup
         modes.append((float(rng.normal(0.0, amp)), float(rng.uniform(-1.2, 1.2)), float(rng.uniform(-1.2, 1.2)),
                       float(rng.uniform(0, 2 * np.pi))))
     return tuple(modes)
-
-
-def atlas_grid(size: tuple[int, int], pad: float = 0.04, gap: float = 0.06):
-    """The fixed 2D atlas grid shared by every knee, for a ``(rows, cols)`` map.
-
-    Returns ``(compartment, x, y)`` arrays of shape ``size``: compartment 0 = medial condyle / plateau
-    (left half of the map, left-knee convention: medial on the left), 1 = lateral, -1 = outside (padding
-    and the central gap, e.g. the intercondylar notch). ``x, y`` are the normalised footprint coordinates
-    of each cell centre (rows run anterior -> posterior, columns medial -> lateral).
-    """
-    rows, cols = int(size[0]), int(size[1])
-    cy = (np.arange(rows) + 0.5) / rows
-    cx = (np.arange(cols) + 0.5) / cols
-    y = (cy - 0.5) / (0.5 - pad)
-    half = (1.0 - 2 * pad - gap) / 2.0
-    x_med = (cx - pad) / half * 2.0 - 1.0
-    x_lat = (cx - (pad + half + gap)) / half * 2.0 - 1.0
-    comp = np.where(np.abs(x_med) <= 1.0, 0, np.where(np.abs(x_lat) <= 1.0, 1, -1))
-    xx = np.where(comp == 0, x_med, x_lat)
-    Y, X = np.meshgrid(y, xx, indexing="ij")
-    C = np.broadcast_to(comp[None, :], (rows, cols)).copy()
-    C[np.abs(Y) > 1.0] = -1
-    return C, X, Y
 
 
 def render_map(fields: tuple[ThicknessField, ThicknessField], size: tuple[int, int]) -> np.ndarray:
