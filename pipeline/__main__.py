@@ -87,12 +87,20 @@ def cmd_demo(a: argparse.Namespace) -> int:
     out = Path(a.out)
     cfg = _config(a)
     t0 = time.time()
-    print(f"[demo] 1/2 synthetic cohort: {cfg.n_subjects} subjects, visits {list(cfg.visits)} -> {out / 'cohort'}")
+    print(f"[demo] 1/3 synthetic cohort: {cfg.n_subjects} subjects, visits {list(cfg.visits)} -> {out / 'cohort'}")
     m = generate_cohort(out / "cohort", cfg)
     print(f"[demo]     {len(m)} knee-visits in {time.time() - t0:.0f} s")
-    print("[demo] 2/2 cohort report")
+    print("[demo] 2/3 cohort report and contact sheet")
     rep = write_cohort_report(out / "cohort", out)
-    print(Path(rep).read_text())
+    print("[demo] 3/3 thickness maps from the DESS labels (bundles/thickness)")
+    from pipeline.io.atomic import write_text_atomic
+    from pipeline.thickness.report import cohort_maps, maps_over_visits_figure, thickness_report_lines
+
+    df = cohort_maps(out / "cohort", out / "maps")
+    png = maps_over_visits_figure(df, out / "maps", out / "thickness_maps_over_visits.png")
+    text = Path(rep).read_text() + "\n".join(thickness_report_lines(df, png))
+    write_text_atomic(rep, text)
+    print(text)
     print(f"[demo] done in {time.time() - t0:.0f} s; report: {rep}")
     return 0
 
