@@ -43,8 +43,8 @@ def stage_times(cfg: CohortConfig) -> dict[str, float]:
     grid = MRGrid.around_knee(cfg.mr_spacing_mm, cfg.mr_half_extent_mm)
     t0 = time.perf_counter()
     sd = tissue_sdfs(knees["L"], grid)
-    label_volume(sd)
-    dess_signal(sd, grid.spacing, rng)
+    label_volume(sd, grid.shape)
+    dess_signal(sd, grid.shape, grid.spacing, rng)
     t[f"MR sampling, 1 knee {grid.shape}"] = time.perf_counter() - t0
     return t
 

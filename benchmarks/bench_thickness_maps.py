@@ -42,7 +42,7 @@ def main() -> None:
         side = "RL"[i % 2]
         kv = knee_at_visit(sample_subject(cfg.seed, i).knees[side], 0)
         grid = MRGrid.around_knee(cfg.mr_spacing_mm, cfg.mr_half_extent_mm)
-        lab = to_pir(label_volume(tissue_sdfs(kv, grid)), side)
+        lab = to_pir(label_volume(tissue_sdfs(kv, grid), grid.shape), side)
         aff = LPS_TO_RAS @ pir_affine_lps(grid, side, (0.0, 0.0, 0.0))
         truth = kv.thickness_maps(size)
         for name, method in (("ours (volume)", "volume"), ("ours (local)", "local")):

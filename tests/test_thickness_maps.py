@@ -24,7 +24,7 @@ def _knee_labels(seed: int, index: int, side: str, month: int = 0, spacing=(0.7,
     spec = sample_subject(seed, index).knees[side]
     kv = knee_at_visit(spec, month)
     grid = MRGrid.around_knee(spacing, (47.0, 45.0, 40.0))
-    lab = to_pir(label_volume(tissue_sdfs(kv, grid)), side)
+    lab = to_pir(label_volume(tissue_sdfs(kv, grid), grid.shape), side)
     aff = LPS_TO_RAS @ pir_affine_lps(grid, side, (95.0 if side == "L" else -95.0, 3.0, -2.0))
     return lab, aff, kv.thickness_maps(SIZE), kv
 

@@ -167,8 +167,8 @@ def generate_subject(cfg: CohortConfig, index: int, root: Path) -> list[dict]:
                 grid = MRGrid.around_knee(cfg.mr_spacing_mm, cfg.mr_half_extent_mm,
                                           offset=tuple(rng.normal(0, 1.5, 3)))
                 sdfs = tissue_sdfs(kv, grid)
-                lab = to_pir(label_volume(sdfs), side)
-                mr = to_pir(dess_signal(sdfs, grid.spacing, rng), side)
+                lab = to_pir(label_volume(sdfs, grid.shape), side)
+                mr = to_pir(dess_signal(sdfs, grid.shape, grid.spacing, rng), side)
                 centre = ((1.0 if side == "L" else -1.0) * 95.0 + rng.normal(0, 5), rng.normal(0, 5), rng.normal(0, 5))
                 aff = pir_affine_lps(grid, side, centre)
                 mr_u16 = np.round(np.clip(mr * 1500.0, 0, 65535)).astype(np.uint16)

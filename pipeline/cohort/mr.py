@@ -67,60 +67,97 @@ def _posed_bbox(pose, bbox):
     return k.min(axis=1), k.max(axis=1)
 
 
-def _paint_sdf(target: np.ndarray, grid: MRGrid, pose, prim, margin: float):
+@dataclass
+class Patch:
+    """Signed distances (mm) of one tissue on the sub-grid ``sl``; far (outside) everywhere else."""
+
+    sl: tuple
+    arr: np.ndarray
+
+    @classmethod
+    def covering(cls, grid: MRGrid, boxes, margin: float, far: float) -> Patch:
+        lo = np.min([b[0] for b in boxes], axis=0)
+        hi = np.max([b[1] for b in boxes], axis=0)
+        sl = grid.box(lo, hi, margin)
+        return cls(sl, np.full(tuple(max(0, x.stop - x.start) for x in sl), far, np.float32))
+
+    def paint(self, sl, values) -> None:
+        """``min`` the patch with ``values`` given on grid slices ``sl`` (inside the patch)."""
+        loc = tuple(slice(a.start - b.start, a.stop - b.start) for a, b in zip(sl, self.sl))
+        np.minimum(self.arr[loc], values, out=self.arr[loc])
+
+    def inside(self) -> tuple[tuple, np.ndarray]:
+        return self.sl, self.arr < 0
+
+    @classmethod
+    def union(cls, a: Patch, b: Patch, far: float) -> Patch:
+        """Union of two tissues: ``min`` of the distances on a patch covering both."""
+        sl = tuple(slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(a.sl, b.sl))
+        out = cls(sl, np.full(tuple(x.stop - x.start for x in sl), far, np.float32))
+        out.paint(a.sl, a.arr)
+        out.paint(b.sl, b.arr)
+        return out
+
+
+def _clip_box(sl, outer):
+    return tuple(slice(max(a.start, b.start), max(max(a.start, b.start), min(a.stop, b.stop))) for a, b in zip(sl, outer))
+
+
+def _paint_prim(patch: Patch, grid: MRGrid, pose, prim, margin: float):
     lo, hi = _posed_bbox(pose, prim.bbox())
-    sl = grid.box(lo, hi, margin)
-    if any(s.stop <= s.start for s in sl):
+    sl = _clip_box(grid.box(lo, hi, margin), patch.sl)
+    if any(x.stop <= x.start for x in sl):
         return
     u, v, w = grid.coords(sl)
     lu, lv, lw = pose.to_local(u, v, w)
-    np.minimum(target[sl], prim.sdf(lu, lv, lw).astype(np.float32), out=target[sl])
+    patch.paint(sl, prim.sdf(lu, lv, lw).astype(np.float32))
 
 
 def _frac(sdf: np.ndarray, h: float) -> np.ndarray:
     return np.clip(0.5 - sdf / h, 0.0, 1.0)
 
 
-def tissue_sdfs(kv: KneeVisit, grid: MRGrid) -> dict[str, np.ndarray]:
-    """Signed distances (mm, negative inside) of every tissue on the grid (far values clipped)."""
+def tissue_sdfs(kv: KneeVisit, grid: MRGrid) -> dict[str, Patch]:
+    """Signed distances (mm, negative inside) of every tissue, each on its bounding sub-grid."""
     h = float(np.mean(grid.spacing))
     far = np.float32(4.0 * h)
     margin = 2.0 * h
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, Patch] = {}
     for bone, (pose, prims) in kv.bones.items():
-        outer = np.full(grid.shape, far, np.float32)
-        inner = np.full(grid.shape, far, np.float32)
+        boxes = [_posed_bbox(pose, prim.bbox()) for prim, _ in prims]
+        outer = Patch.covering(grid, boxes, margin, far)
+        inner = Patch.covering(grid, boxes, margin, far)
         for prim, cortex in prims:
-            _paint_sdf(outer, grid, pose, prim, margin)
-            _paint_sdf(inner, grid, pose, prim.shrunk(cortex), margin)
+            _paint_prim(outer, grid, pose, prim, margin)
+            _paint_prim(inner, grid, pose, prim.shrunk(cortex), margin)
         out[bone] = outer
         out[bone + "_marrow"] = inner
     # Femoral cartilage: shells on the two condyles with the analytic thickness field.
-    fc = np.full(grid.shape, far, np.float32)
+    boxes = [_posed_bbox(kv.femur_pose, c.bbox()) for c in kv.condyles]
+    fc = Patch.covering(grid, boxes, 8.0, far)
     for k, cond in enumerate(kv.condyles):
-        lo, hi = _posed_bbox(kv.femur_pose, cond.bbox())
-        sl = grid.box(lo, hi, 8.0)
+        sl = _clip_box(grid.box(*boxes[k], 8.0), fc.sl)
         u, v, w = grid.coords(sl)
         lu, lv, lw = kv.femur_pose.to_local(u, v, w)
         d, theta, phi = cond.polar(lu, lv, lw)
         x, y = kv.fc_polar_to_xy(k, theta, phi)
         t = kv.fc[k](x, y)
         sdf = np.maximum(cond.r - d, d - cond.r - np.nan_to_num(t, nan=-1.0))
-        sdf = np.where(np.isnan(t), far, sdf).astype(np.float32)
-        np.minimum(fc[sl], sdf, out=fc[sl])
+        fc.paint(sl, np.where(np.isnan(t), far, sdf).astype(np.float32))
     out["fc"] = fc
     # Tibial cartilage: layers above the plateau plane.
-    tc = np.full(grid.shape, far, np.float32)
-    for k, (cu, cb, su, sb) in enumerate(kv.spec.tc_footprints):
-        sl = grid.box((cu - su, cb - sb - 8, -3.0), (cu + su, cb + sb + 8, 9.0), margin)
+    boxes = [((cu - su, cb - sb - 8, -3.0), (cu + su, cb + sb + 8, 9.0)) for cu, cb, su, sb in kv.spec.tc_footprints]
+    tc = Patch.covering(grid, boxes, margin, far)
+    for k in range(2):
+        sl = _clip_box(grid.box(*boxes[k], margin), tc.sl)
         u, v, w = grid.coords(sl)
         delta, b = kv.tc_plane_coords(u, v, w)
         x, y = kv.tc_to_xy(k, u, b)
         t = kv.tc[k](x, y)
         sdf = np.maximum(-delta, delta - np.nan_to_num(t, nan=-1.0))
-        sdf = np.where(np.isnan(t), far, sdf).astype(np.float32)
-        np.minimum(tc[sl], sdf, out=tc[sl])
+        tc.paint(sl, np.where(np.isnan(t), far, sdf).astype(np.float32))
     out["tc"] = tc
+    out["cartilage"] = Patch.union(fc, tc, far)
     s = kv.spec.scale
     au, av = kv.spec.envelope
     soft = {
@@ -131,39 +168,41 @@ def tissue_sdfs(kv: KneeVisit, grid: MRGrid) -> dict[str, np.ndarray]:
     }
     ident = kv.bones["tibia"][0]
     for name, prim in soft.items():
-        a = np.full(grid.shape, far, np.float32)
-        _paint_sdf(a, grid, ident, prim, margin)
-        out[name] = a
+        patch = Patch.covering(grid, [_posed_bbox(ident, prim.bbox())], margin, far)
+        _paint_prim(patch, grid, ident, prim, margin)
+        out[name] = patch
     return out
 
 
-def label_volume(sdfs: dict[str, np.ndarray]) -> np.ndarray:
-    """Hard labels at voxel centres (uint8, DESS label table). Bone wins over cartilage."""
-    lab = np.zeros(sdfs["femur"].shape, np.uint8)
-    lab[sdfs["tc"] < 0] = LABEL_TC
-    lab[sdfs["fc"] < 0] = LABEL_FC
-    lab[sdfs["tibia"] < 0] = LABEL_TIBIA
-    lab[sdfs["femur"] < 0] = LABEL_FEMUR
+def label_volume(sdfs: dict[str, Patch], shape: tuple[int, int, int]) -> np.ndarray:
+    """Hard labels at voxel centres (uint8, DESS label table) on a grid of ``shape``. Bone wins over
+    cartilage."""
+    lab = np.zeros(shape, np.uint8)
+    for name, value in (("tc", LABEL_TC), ("fc", LABEL_FC), ("tibia", LABEL_TIBIA), ("femur", LABEL_FEMUR)):
+        sl, inside = sdfs[name].inside()
+        lab[sl][inside] = value
     return lab
 
 
-def dess_signal(sdfs: dict[str, np.ndarray], spacing, rng: np.random.Generator, noise: float = 0.03,
-                bias: float = 0.15, blur_vox: float = 0.5) -> np.ndarray:
+def dess_signal(sdfs: dict[str, Patch], shape: tuple[int, int, int], spacing, rng: np.random.Generator,
+                noise: float = 0.03, bias: float = 0.15, blur_vox: float = 0.5) -> np.ndarray:
     """DESS-like magnitude image (float32, ~0..1) with partial volume, blur, bias field and Rician noise."""
     h = float(np.mean(spacing))
-    img = np.zeros(sdfs["femur"].shape, np.float32)
+    img = np.zeros(shape, np.float32)
 
-    def paint(value, frac):
-        img[...] = img * (1.0 - frac) + value * frac
+    def paint(value, name):
+        p = sdfs[name]
+        f = _frac(p.arr, h)
+        img[p.sl] = img[p.sl] * (1.0 - f) + value * f
 
-    paint(SIGNAL["muscle"], _frac(sdfs["envelope"], h))
-    paint(SIGNAL["fat_pad"], _frac(sdfs["fat_pad"], h))
-    paint(SIGNAL["fluid"], _frac(sdfs["fluid"], h))
-    paint(SIGNAL["tendon"], _frac(sdfs["tendon"], h))
-    paint(SIGNAL["cartilage"], np.maximum(_frac(sdfs["fc"], h), _frac(sdfs["tc"], h)))
+    paint(SIGNAL["muscle"], "envelope")
+    paint(SIGNAL["fat_pad"], "fat_pad")
+    paint(SIGNAL["fluid"], "fluid")
+    paint(SIGNAL["tendon"], "tendon")
+    paint(SIGNAL["cartilage"], "cartilage")
     for bone in ("femur", "tibia", "fibula", "patella"):
-        paint(SIGNAL["cortex"], _frac(sdfs[bone], h))
-        paint(SIGNAL["marrow"], _frac(sdfs[bone + "_marrow"], h))
+        paint(SIGNAL["cortex"], bone)
+        paint(SIGNAL["marrow"], bone + "_marrow")
     if blur_vox > 0:
         img = ndimage.gaussian_filter(img, blur_vox)
     # Smooth multiplicative bias field: random low-order polynomial over the normalised grid.
