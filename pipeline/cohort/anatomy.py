@@ -249,7 +249,8 @@ def _tibia_prims(spec: KneeSpec, ost: tuple[float, float]):
     s = spec.scale
     au, av = spec.plateau_axes
     prims = [
-        (ZCylinder((0.0, 2.0), (au, av), -10.0 * s, 20.0, top=0.0, slope=spec.plateau_slope), 1.0),
+        # the block reaches 4 mm into the flare: abutting solids would leave a zero-distance seam inside bone
+        (ZCylinder((0.0, 2.0), (au, av), -14.0 * s, 20.0, top=0.0, slope=spec.plateau_slope), 1.0),
         (Ellipsoid((0.0, 0.0, 0.0), (8.0 * s, 13.0 * s, 7.0 * s)), 1.0),
         # proximal metaphysis: a half-ellipsoid tapering from the plateau to the shaft
         (Ellipsoid((0.0, 2.0, -10.0 * s), (au, av, 68.0 * s), wmax=-10.0 * s), 1.2),
