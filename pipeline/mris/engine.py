@@ -1,0 +1,220 @@
+"""MONAI-engine pieces of MRIS training: network factory, iteration functions, recall metric, handlers.
+
+Used by ``bundles/mris/configs/train.json``:
+
+* :func:`make_network` -> :class:`pipeline.nets.DualEncoder` (MRIS-C) or :class:`pipeline.nets.MRISSeparate`.
+* :class:`MRISTrainStep` -> ``SupervisedTrainer(iteration_update=...)``: both encoders' embeddings, the
+  longitudinal triplet loss with same-subject pairs masked, gradient-norm clipping per encoder.
+* :class:`MRISEvalStep` -> ``SupervisedEvaluator(iteration_update=...)``: embeddings of radiographs and maps.
+* :class:`RetrievalRecall` (ignite ``Metric``): recall@k of radiograph -> map retrieval over the whole
+  validation set (first visit per knee); ``k=None`` gives the model-selection key R@1 + R@5 + R@10.
+* :class:`SamplerEpochHandler`: ``sampler.set_epoch`` for :class:`pipeline.sampling.SubjectVisitSampler`.
+
+Batch layout: ``image`` ``B x 1 x S x S``; MRIS-C ``maps`` ``B x 1 x 2S x S``; MRIS-S ``fc``/``tc``
+``B x 1 x S x S``; ``subject_id`` list of ``B`` str. Embeddings ``B x D``, unit L2 norm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.metrics import Metric
+from monai.handlers import CheckpointLoader, CheckpointSaver
+from monai.utils import CommonKeys
+
+from pipeline.conventions import MAP_KEYS
+from pipeline.metrics import recall_at_k
+from pipeline.mris.data import check_variant, network_keys
+from pipeline.nets import DualEncoder, MRISSeparate
+
+Embeddings = torch.Tensor | dict[str, torch.Tensor]
+
+
+def make_network(variant: str = "combined", widen_factor: float = 1.0, stem_stride: int = 2) -> torch.nn.Module:
+    """MRIS-C (``"combined"``): one :class:`DualEncoder` on stacked FC/TC maps; MRIS-S (``"separate"``):
+    :class:`MRISSeparate` with one pair per map. ``widen_factor`` < 1 only for tests and demos."""
+    kw = {"widen_factor": float(widen_factor), "stem_stride": int(stem_stride)}
+    return DualEncoder(**kw) if check_variant(variant) == "combined" else MRISSeparate(MAP_KEYS, **kw)
+
+
+def unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    """The model inside ``DataParallel`` / ``DistributedDataParallel`` (or ``network`` itself)."""
+    return network.module if hasattr(network, "module") else network
+
+
+def load_network_weights(network: torch.nn.Module, path: str | Path, strict: bool = True) -> torch.nn.Module:
+    """Load a training checkpoint into ``network``: a bare state dict (``model.pt``) or a dict holding it
+    under ``"model"`` / ``"network"`` / ``"state_dict"`` (``model_final.pt``); ``module.`` prefixes stripped."""
+    obj = torch.load(Path(path), map_location="cpu", weights_only=True)
+    for key in ("model", "network", "state_dict"):
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+            break
+    state = {(k[7:] if k.startswith("module.") else k): v for k, v in obj.items()}
+    try:
+        unwrap(network).load_state_dict(state, strict=strict)
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"checkpoint {path} does not fit the configured network (check variant / widen_factor / "
+            f"stem_stride against the training config): {str(e)[:400]}"
+        ) from None
+    return network
+
+
+def _maps_from_batch(batch: Mapping[str, Any], variant: str, device: torch.device | str | None):
+    keys = network_keys(variant)
+    if check_variant(variant) == "combined":
+        return batch[keys[0]].to(device, non_blocking=True)
+    return {k: batch[k].to(device, non_blocking=True) for k in keys}
+
+
+def embed_pair(network: torch.nn.Module, image: torch.Tensor, maps: torch.Tensor | Mapping[str, torch.Tensor]
+               ) -> tuple[Embeddings, Embeddings]:
+    """``(f(image), g(maps))``; MRIS-S returns ``({key: B x D}, {key: B x D})``."""
+    out = network(image, maps)
+    if isinstance(out, Mapping):
+        return {k: v[0] for k, v in out.items()}, {k: v[1] for k, v in out.items()}
+    return out
+
+
+class MRISTrainStep:
+    """``SupervisedTrainer`` iteration: embeddings, triplet loss (sum over map keys for MRIS-S),
+    backward, gradient-norm clip per encoder (``max_grad_norm``; None = off), optimiser step.
+
+    Returns ``{"image", "loss", "xray_emb", "map_emb"}`` (loss detached; embeddings detached).
+    """
+
+    def __init__(self, variant: str = "combined", max_grad_norm: float | None = 1.0) -> None:
+        self.variant = check_variant(variant)
+        self.max_grad_norm = max_grad_norm
+
+    def __call__(self, engine: Engine, batch: Mapping[str, Any]) -> dict[str, Any]:
+        device = engine.state.device
+        image = batch[CommonKeys.IMAGE].to(device, non_blocking=True)
+        maps = _maps_from_batch(batch, self.variant, device)
+        groups = list(batch["subject_id"])
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        fx, gy = embed_pair(engine.network, image, maps)
+        if isinstance(fx, Mapping):
+            loss = sum(engine.loss_function(fx[k], gy[k], groups) for k in fx)
+        else:
+            loss = engine.loss_function(fx, gy, groups)
+        loss.backward()
+        if self.max_grad_norm is not None:
+            for enc in unwrap(engine.network).encoders().values():
+                torch.nn.utils.clip_grad_norm_(enc.parameters(), self.max_grad_norm)
+        engine.optimizer.step()
+        detach = (lambda e: {k: v.detach() for k, v in e.items()}) if isinstance(fx, Mapping) else torch.Tensor.detach
+        return {CommonKeys.IMAGE: image, CommonKeys.LOSS: loss.detach(), "xray_emb": detach(fx), "map_emb": detach(gy)}
+
+
+class MRISEvalStep:
+    """``SupervisedEvaluator`` iteration: ``{"xray_emb", "map_emb", "knee_id"}`` under ``no_grad``."""
+
+    def __init__(self, variant: str = "combined") -> None:
+        self.variant = check_variant(variant)
+
+    def __call__(self, engine: Engine, batch: Mapping[str, Any]) -> dict[str, Any]:
+        device = engine.state.device
+        image = batch[CommonKeys.IMAGE].to(device, non_blocking=True)
+        maps = _maps_from_batch(batch, self.variant, device)
+        engine.network.eval()
+        with torch.no_grad():
+            fx, gy = embed_pair(engine.network, image, maps)
+        return {"xray_emb": fx, "map_emb": gy, "knee_id": list(batch.get("knee_id", []))}
+
+
+def similarity_matrix(xray_emb: Embeddings, map_emb: Embeddings) -> torch.Tensor:
+    """Cosine similarity ``Q x N`` of unit embeddings; MRIS-S: the mean over map keys."""
+    if isinstance(xray_emb, Mapping):
+        return torch.stack([xray_emb[k] @ map_emb[k].T for k in xray_emb]).mean(0)
+    return xray_emb @ map_emb.T
+
+
+class RetrievalRecall(Metric):
+    """Radiograph -> map retrieval recall (percent) over the whole evaluation set.
+
+    Item ``i``'s radiograph should retrieve item ``i``'s map among all maps of the set (ties pessimistic,
+    :func:`pipeline.metrics.recall_at_k`). ``k``: one k (returns R@k) or None (returns R@1 + R@5 + R@10,
+    the MRIS model-selection key). Reads ``output["xray_emb"]`` / ``output["map_emb"]``.
+    """
+
+    required_output_keys = ("xray_emb", "map_emb")
+
+    def __init__(self, k: int | None = None, ks: Sequence[int] = (1, 5, 10), output_transform=lambda x: x,
+                 device: str | torch.device = "cpu") -> None:
+        self.k, self.ks = k, tuple(ks)
+        super().__init__(output_transform=output_transform, device=device)
+
+    def reset(self) -> None:
+        self._x: list[Embeddings] = []
+        self._y: list[Embeddings] = []
+
+    def update(self, output: Sequence[Embeddings]) -> None:
+        """``output`` = ``(xray_emb, map_emb)`` (ignite picks :attr:`required_output_keys`)."""
+        xray_emb, map_emb = output
+        cpu = (lambda e: {k: v.detach().float().cpu() for k, v in e.items()}) if isinstance(
+            xray_emb, Mapping) else (lambda e: e.detach().float().cpu())
+        self._x.append(cpu(xray_emb))
+        self._y.append(cpu(map_emb))
+
+    @staticmethod
+    def _cat(parts: list[Embeddings]) -> Embeddings:
+        if isinstance(parts[0], Mapping):
+            return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        return torch.cat(parts)
+
+    def compute(self) -> float:
+        if not self._x:
+            raise RuntimeError("RetrievalRecall needs at least one batch")
+        sim = similarity_matrix(self._cat(self._x), self._cat(self._y)).numpy()
+        ks = (self.k,) if self.k is not None else self.ks
+        rec = recall_at_k(sim, ks=ks)
+        return float(sum(rec.values()))
+
+
+class SamplerEpochHandler:
+    """Call ``sampler.set_epoch(epoch - 1)`` at every ``EPOCH_STARTED`` (ignite epochs are 1-based), so
+    :class:`pipeline.sampling.SubjectVisitSampler` draws another visit per subject each epoch."""
+
+    def __init__(self, sampler: Any) -> None:
+        self.sampler = sampler
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(engine.state.epoch - 1)
+
+
+class EngineCheckpointSaver(CheckpointSaver):
+    """:class:`monai.handlers.CheckpointSaver` that also saves the engine it is attached to (under
+    ``engine_key``, default ``"trainer"``), so a config needs no circular ``@train#trainer`` reference.
+    The final checkpoint then restores epoch/iteration on resume (:class:`EngineCheckpointLoader`)."""
+
+    def __init__(self, *args: Any, engine_key: str = "trainer", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.engine_key = engine_key
+
+    def attach(self, engine: Engine) -> None:
+        self.save_dict[self.engine_key] = engine
+        super().attach(engine)
+
+
+class EngineCheckpointLoader(CheckpointLoader):
+    """:class:`monai.handlers.CheckpointLoader` that also restores the engine it is attached to
+    (``engine_key``, default ``"trainer"``) when the checkpoint holds it."""
+
+    def __init__(self, *args: Any, engine_key: str = "trainer", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.engine_key = engine_key
+
+    def attach(self, engine: Engine) -> None:
+        self.load_dict[self.engine_key] = engine
+        super().attach(engine)
