@@ -35,6 +35,9 @@ class SubjectVisitSampler(Sampler[int]):
             else 1 and 0.
         drop_last: drop the tail instead of padding when the number of subjects is not divisible by
             ``num_replicas``.
+        draws_per_epoch: independent one-visit-per-subject draws concatenated into one epoch (default 1,
+            the paper). More draws give more optimiser steps per epoch on small cohorts; a batch that
+            spans two draws may then hold one subject twice, which the triplet loss masks.
     """
 
     def __init__(
@@ -45,7 +48,11 @@ class SubjectVisitSampler(Sampler[int]):
         num_replicas: int | None = None,
         rank: int | None = None,
         drop_last: bool = False,
+        draws_per_epoch: int = 1,
     ) -> None:
+        if int(draws_per_epoch) < 1:
+            raise ValueError(f"draws_per_epoch must be >= 1, got {draws_per_epoch}")
+        self.draws_per_epoch = int(draws_per_epoch)
         if num_replicas is None or rank is None:
             dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
             if num_replicas is None:
@@ -70,7 +77,7 @@ class SubjectVisitSampler(Sampler[int]):
         self.rank = int(rank)
         self.drop_last = bool(drop_last)
         self.epoch = 0
-        n = len(self._groups)
+        n = len(self._groups) * self.draws_per_epoch
         if self.drop_last:
             self.num_samples = n // self.num_replicas
         else:
@@ -88,12 +95,14 @@ class SubjectVisitSampler(Sampler[int]):
     def epoch_indices(self) -> list[int]:
         """All ranks' indices of the current epoch before the rank split: one per subject (+ padding)."""
         rng = np.random.default_rng([self.seed, self.epoch])
-        picks = np.fromiter(
-            (grp[rng.integers(len(grp))] for grp in self._groups), dtype=np.int64, count=len(self._groups)
-        )
-        if self.shuffle:
-            picks = picks[rng.permutation(len(picks))]
-        out = picks.tolist()
+        out: list[int] = []
+        for _ in range(self.draws_per_epoch):
+            picks = np.fromiter(
+                (grp[rng.integers(len(grp))] for grp in self._groups), dtype=np.int64, count=len(self._groups)
+            )
+            if self.shuffle:
+                picks = picks[rng.permutation(len(picks))]
+            out += picks.tolist()
         if self.drop_last:
             return out[: self.total_size]
         pad = self.total_size - len(out)

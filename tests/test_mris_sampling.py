@@ -107,3 +107,17 @@ def test_works_with_dataloader_batches():
     assert len(flat) == 20
     for b in batches:
         assert len({ids[i] for i in b}) == len(b)
+
+
+def test_draws_per_epoch_concatenates_independent_subject_draws():
+    subjects = [f"s{i // 3}" for i in range(30)]  # 10 subjects x 3 visits
+    one = SubjectVisitSampler(subjects, seed=1)
+    three = SubjectVisitSampler(subjects, seed=1, draws_per_epoch=3)
+    idx = list(three)
+    assert len(three) == 3 * len(one) == 30 and len(idx) == 30
+    for d in range(3):  # every block of one draw holds each subject exactly once
+        block = [subjects[i] for i in idx[10 * d:10 * (d + 1)]]
+        assert sorted(block) == sorted(set(subjects))
+    assert idx[:10] != idx[10:20]
+    with pytest.raises(ValueError):
+        SubjectVisitSampler(subjects, draws_per_epoch=0)
