@@ -1,0 +1,135 @@
+"""Fault-tolerant batch inference: one item at a time, failures recorded, the rest carries on.
+
+:class:`SafeInferenceRunner` is what ``bundles/dess_seg/configs/inference.json`` runs. For each data-list
+entry it applies ``preprocessing`` (load, orient to PIR, flip right knees, scale), sliding-window
+inference, then ``postprocessing`` (softmax/argmax, ``Invertd`` back to the INPUT geometry, ``SaveImaged``).
+Any exception while loading, predicting or saving one item is caught and written to
+``<output_dir>/failures.csv`` (columns ``image, stage, error``); successful items go to
+``<output_dir>/predictions.csv`` (``image, side, knee_flipped, output``). A tqdm bar shows progress.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .transforms import FLIP_META_KEY
+
+logger = logging.getLogger(__name__)
+
+
+def load_weights(network: torch.nn.Module, checkpoint: str, map_location: Any = "cpu") -> torch.nn.Module:
+    """Load a ``CheckpointSaver`` file (a bare state dict, or ``{"model": state_dict, ...}``) into ``network``."""
+    state = torch.load(checkpoint, map_location=map_location, weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    target = network.module if hasattr(network, "module") else network
+    target.load_state_dict(state)
+    return network
+
+
+class SafeInferenceRunner:
+    """Run a MONAI inference pipeline item by item, recording (not raising) per-item failures.
+
+    Args:
+        datalist: entries with at least ``"image"`` (and ``"side"``), e.g. from
+            :func:`pipeline.segmentation.build_datalist`.
+        preprocessing: dictionary transform producing a channel-first ``"image"`` MetaTensor.
+        network: the segmentation network (put in eval mode here).
+        inferer: a MONAI inferer, e.g. ``SlidingWindowInferer``; called as ``inferer(batch, network)``.
+        postprocessing: dictionary transform applied to ``{"image": ..., "pred": logits (C, I, J, K)}``;
+            should invert the preprocessing geometry and save.
+        output_dir: folder for ``predictions.csv`` / ``failures.csv``.
+        device: torch device for the network and input.
+        checkpoint: optional weights file loaded with :func:`load_weights` before running.
+        progress: show a tqdm bar.
+        output_key: key under which ``postprocessing``'s ``SaveImaged`` leaves the saved tensor; its
+            ``meta["saved_to"]`` is reported when present.
+    """
+
+    def __init__(self, datalist: Sequence[dict], preprocessing: Callable, network: torch.nn.Module,
+                 inferer: Callable, postprocessing: Callable, output_dir: str,
+                 device: torch.device | str = "cpu", checkpoint: Optional[str] = None,
+                 progress: bool = True, output_key: str = "pred") -> None:
+        self.datalist = list(datalist)
+        self.preprocessing = preprocessing
+        self.network = network
+        self.inferer = inferer
+        self.postprocessing = postprocessing
+        self.output_dir = Path(output_dir)
+        self.device = torch.device(device)
+        self.checkpoint = checkpoint
+        self.progress = progress
+        self.output_key = output_key
+        self.successes: list[dict] = []
+        self.failures: list[dict] = []
+
+    def _one(self, item: dict) -> dict:
+        stage = "load"
+        try:
+            data = self.preprocessing(dict(item))
+            stage = "predict"
+            img = data["image"]
+            with torch.no_grad():
+                logits = self.inferer(img.unsqueeze(0).to(self.device), self.network)
+            data["pred"] = logits[0].detach().cpu()
+            stage = "save"
+            data = self.postprocessing(data)
+        except Exception as e:  # noqa: BLE001 - every per-item failure is recorded, then we go on
+            logger.debug("inference failed for %s\n%s", item.get("image"), traceback.format_exc())
+            raise _ItemError(stage, describe_exception(e)) from e
+        out = data.get(self.output_key)
+        meta = getattr(out, "meta", {}) or {}
+        return {"image": item["image"], "side": item.get("side", ""),
+                "knee_flipped": bool(getattr(img, "meta", {}).get(FLIP_META_KEY, False)),
+                "output": str(meta.get("saved_to", ""))}
+
+    def run(self) -> dict[str, list[dict]]:
+        """Process every entry; write the two CSVs; return ``{"predictions": [...], "failures": [...]}``."""
+        if self.checkpoint:
+            load_weights(self.network, self.checkpoint, map_location=self.device)
+        self.network.to(self.device).eval()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.successes, self.failures = [], []
+        for item in tqdm(self.datalist, desc="dess_seg inference", disable=not self.progress):
+            try:
+                self.successes.append(self._one(item))
+            except _ItemError as e:
+                self.failures.append({"image": item.get("image", ""), "stage": e.stage, "error": e.message})
+                logger.warning("skipped %s (%s): %s", item.get("image"), e.stage, e.message)
+        _write_csv(self.output_dir / "predictions.csv", ["image", "side", "knee_flipped", "output"], self.successes)
+        _write_csv(self.output_dir / "failures.csv", ["image", "stage", "error"], self.failures)
+        logger.info("dess_seg inference: %d written, %d failed (see %s)", len(self.successes),
+                    len(self.failures), self.output_dir / "failures.csv")
+        return {"predictions": self.successes, "failures": self.failures}
+
+
+def describe_exception(exc: BaseException, max_chars: int = 300) -> str:
+    """One line ``"Type: first line of message"`` of the ROOT cause (MONAI wraps transform errors in
+    ``RuntimeError("applying transform ...")``), at most ``max_chars`` characters; the full traceback
+    goes to the DEBUG log."""
+    root = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    lines = str(root).strip().splitlines()
+    text = f"{type(root).__name__}: {lines[0] if lines else ''}"
+    return " ".join(text.split())[:max_chars]
+
+
+class _ItemError(Exception):
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(message)
+        self.stage, self.message = stage, message
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
