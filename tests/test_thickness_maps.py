@@ -111,3 +111,21 @@ def test_batch_records_failures_and_continues(tmp_path, knee):
     grid = json.loads((tmp_path / "out" / "good_grid.json").read_text())
     assert grid["fc"]["rows"] == SIZE[0] and grid["coverage"]["tc"] > 0.9
     assert (tmp_path / "out" / "maps_manifest.csv").exists()
+
+
+def test_segmentation_result_feeds_the_map_batch(tmp_path, knee):
+    from pipeline.thickness.maps_io import items_from_segmentation
+
+    lab, aff, _, _ = knee
+    seg_dir = tmp_path / "pred"
+    (seg_dir / "a" / "LEFT_KNEE").mkdir(parents=True)
+    pred = seg_dir / "a" / "LEFT_KNEE" / "dess_seg.nii.gz"
+    nib.save(nib.Nifti1Image(lab.astype(np.uint8), aff), pred)
+    result = {"predictions": [{"image": "a/LEFT_KNEE/dess.nii.gz", "side": "L", "knee_flipped": False,
+                               "output": str(pred)}],
+              "failures": [{"image": "b/RIGHT_KNEE/dess.nii.gz", "stage": "load", "error": "truncated file"}]}
+    items = items_from_segmentation(result, seg_dir)
+    assert items[0]["stem"] == "a_LEFT_KNEE_dess_seg" and items[1]["error"].startswith("segmentation (load)")
+    df = batch_maps(items, tmp_path / "maps", size=SIZE, png=False, progress=False)
+    assert list(df.status) == ["ok", "failed"] and "truncated file" in df.error[1]
+    assert (tmp_path / "maps" / "a_LEFT_KNEE_dess_seg_fc.npy").exists()

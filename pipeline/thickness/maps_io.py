@@ -96,14 +96,19 @@ def knee_maps(labels_path: str | Path, side: str, out_dir: str | Path, stem: str
 def batch_maps(items: Iterable[dict], out_dir: str | Path, size=(310, 310), method: str = "volume",
                png: bool = True, progress: bool = True) -> pd.DataFrame:
     """Maps for many knees. ``items``: dicts with ``labels`` (path), ``side`` and ``stem`` (+ any metadata
-    columns to carry over). A knee that fails is recorded (``status="failed"``, ``error``) and the batch
-    goes on. Writes ``maps_manifest.csv`` in ``out_dir``."""
+    columns to carry over; an item with a non-empty ``error`` failed upstream and is only recorded). A knee
+    that fails is recorded (``status="failed"``, ``error``) and the batch goes on. Writes
+    ``maps_manifest.csv`` in ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     items = list(items)
     for it in tqdm(items, desc="thickness maps", unit="knee", disable=not progress):
         row = {k: v for k, v in it.items()}
+        if row.get("error"):  # failed upstream (e.g. segmentation): recorded, not processed
+            row["status"] = "failed"
+            rows.append(row)
+            continue
         try:
             row.update(knee_maps(it["labels"], it["side"], out_dir, it["stem"], size=size, method=method, png=png))
             row["status"], row["error"] = "ok", ""
@@ -141,4 +146,24 @@ def items_from_folder(folder: str | Path, side: str | None = None) -> list[dict]
                      "L" if ("_L_" in name or "LEFT" in name or name.startswith("L_")) else None)
         stem = p.name.split(".")[0]
         items.append({"labels": str(p), "side": s if s else "unknown", "stem": stem})
+    return items
+
+
+def items_from_segmentation(result: dict, output_dir: str | Path) -> list[dict]:
+    """Batch items from a ``bundles/dess_seg`` inference result (``SafeInferenceRunner.run()``): one item per
+    predicted label file (stem = its path below ``output_dir``), plus the segmentation failures as items
+    that carry their ``error``."""
+    out = Path(output_dir)
+    items = []
+    for p in result.get("predictions", []):
+        path = Path(p["output"])
+        try:
+            rel = path.relative_to(out)
+        except ValueError:
+            rel = Path(path.name)
+        stem = "_".join(rel.with_name(rel.name.split(".")[0]).parts)
+        items.append({"labels": str(path), "side": p["side"], "stem": stem, "dess": p["image"], "error": ""})
+    for f in result.get("failures", []):
+        items.append({"labels": "", "side": "", "stem": Path(str(f["image"])).name, "dess": f["image"],
+                      "error": f"segmentation ({f.get('stage', '')}): {f.get('error', '')}"})
     return items
