@@ -67,7 +67,8 @@ class RadiographReadError(ValueError):
         super().__init__(f"cannot read radiograph '{self.path}': {reason}")
 
 
-def _has_dicm_prefix(path: Path) -> bool:
+def has_dicm_preamble(path: PathLike) -> bool:
+    """True if ``path`` is a readable file with the DICOM Part 10 ``DICM`` marker after its 128-byte preamble."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(132)
@@ -88,7 +89,7 @@ def list_radiographs(folder: PathLike) -> list[Path]:
     for p in sorted(folder.iterdir()):
         if not p.is_file() or p.name.startswith(".") or p.name.upper() == "DICOMDIR":
             continue
-        if _has_dicm_prefix(p) or p.suffix.lower() in _DICOM_EXTENSIONS:
+        if has_dicm_preamble(p) or p.suffix.lower() in _DICOM_EXTENSIONS:
             out.append(p)
     return out
 

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from pipeline.io.dicom import has_dicm_preamble
 from pipeline.io.manifest import load_manifest, resolve, split_subjects
 
 PathLike = Union[str, Path]
@@ -68,14 +69,7 @@ def datalist_from_manifest(manifest_path: PathLike, split: Optional[str] = "trai
 
 
 def _is_dicom_file(path: Path) -> bool:
-    if path.suffix.lower() == ".dcm":
-        return True
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
+    return path.suffix.lower() == ".dcm" or has_dicm_preamble(path)
 
 
 def _is_nifti(path: Path) -> bool:
