@@ -43,6 +43,8 @@ def _cohort_args(p: argparse.ArgumentParser, default_n: int) -> None:
     p.add_argument("--map-size", type=int, default=128, help="thickness-map grid size in cells (default 128)")
     p.add_argument("--monochrome1", type=float, default=0.3, help="fraction of radiographs stored MONOCHROME1")
     p.add_argument("--no-mr-dicom", action="store_true", help="write the DESS volumes as NIfTI only")
+    p.add_argument("--no-mr", action="store_true",
+                   help="no MR volumes or labels (radiographs + analytic thickness maps only; fast, for retrieval)")
     p.add_argument("--no-dxa", action="store_true", help="skip the DXA-like images")
     p.add_argument("--tiny", action="store_true", help="tiny, coarse cohort for tests (1 mm X-ray, 1.6 mm MR)")
     p.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
@@ -53,7 +55,8 @@ def _config(a: argparse.Namespace):
 
     kw = dict(n_subjects=a.subjects, seed=a.seed, visits=a.visits, missing_rate=a.missing_rate,
               xray_spacing_mm=a.xray_spacing, mr_spacing_mm=a.mr_spacing, map_size=a.map_size,
-              monochrome1_fraction=a.monochrome1, write_mr_dicom=not a.no_mr_dicom, write_dxa=not a.no_dxa,
+              monochrome1_fraction=a.monochrome1, write_mr=not a.no_mr, write_mr_dicom=not a.no_mr_dicom,
+              write_dxa=not a.no_dxa,
               workers=a.workers)
     if a.tiny:
         kw.update(TINY)
@@ -92,14 +95,18 @@ def cmd_demo(a: argparse.Namespace) -> int:
     print(f"[demo]     {len(m)} knee-visits in {time.time() - t0:.0f} s")
     print("[demo] 2/3 cohort report and contact sheet")
     rep = write_cohort_report(out / "cohort", out)
-    print("[demo] 3/3 thickness maps from the DESS labels (bundles/thickness)")
-    from pipeline.io.atomic import write_text_atomic
-    from pipeline.thickness.report import cohort_maps, maps_over_visits_figure, thickness_report_lines
+    text = Path(rep).read_text()
+    if cfg.write_mr:
+        print("[demo] 3/3 thickness maps from the DESS labels (bundles/thickness)")
+        from pipeline.io.atomic import write_text_atomic
+        from pipeline.thickness.report import cohort_maps, maps_over_visits_figure, thickness_report_lines
 
-    df = cohort_maps(out / "cohort", out / "maps")
-    png = maps_over_visits_figure(df, out / "maps", out / "thickness_maps_over_visits.png")
-    text = Path(rep).read_text() + "\n".join(thickness_report_lines(df, png))
-    write_text_atomic(rep, text)
+        df = cohort_maps(out / "cohort", out / "maps")
+        png = maps_over_visits_figure(df, out / "maps", out / "thickness_maps_over_visits.png")
+        text += "\n".join(thickness_report_lines(df, png))
+        write_text_atomic(rep, text)
+    else:
+        print("[demo] 3/3 skipped: no MR volumes (--no-mr), so no labels to map")
     print(text)
     print(f"[demo] done in {time.time() - t0:.0f} s; report: {rep}")
     return 0

@@ -162,3 +162,12 @@ def test_interrupted_generation_leaves_no_complete_looking_output(tmp_path, monk
     monkeypatch.setattr(gen, "write_nifti", real)
     m = generate_cohort(tmp_path, cfg, progress=False)  # resumes
     assert len(m) == 4 and not list(tmp_path.rglob("*.partial*"))
+
+
+def test_cohort_without_mr_has_radiographs_and_maps_only(tmp_path):
+    cfg = CohortConfig(n_subjects=1, seed=2, workers=1, **{**TINY, "visits": (0, 24), "write_mr": False})
+    m = generate_cohort(tmp_path, cfg, progress=False)
+    loaded = load_manifest(tmp_path / "manifest.csv", check_paths=["xray_dicom", "fc_map", "tc_map"])
+    assert len(loaded) == 4 and loaded.dess_nifti.isna().all() and loaded.labels_nifti.isna().all()
+    assert not list(tmp_path.rglob("*.nii.gz")) or all("DXA" in str(p) for p in tmp_path.rglob("*.nii.gz"))
+    assert np.isfinite(np.load(tmp_path / m.fc_map.iloc[0])).any()

@@ -61,6 +61,7 @@ class CohortConfig:
     mr_spacing_mm: tuple[float, float, float] = (0.7, 0.7, 0.35)
     mr_half_extent_mm: tuple[float, float, float] = (47.0, 45.0, 40.0)
     map_size: int = 128
+    write_mr: bool = True  #: False: no MR volumes or labels at all (radiographs + analytic maps, fast)
     write_mr_dicom: bool = True
     write_dxa: bool = True
     workers: int = 2
@@ -164,19 +165,21 @@ def generate_subject(cfg: CohortConfig, index: int, root: Path) -> list[dict]:
                     pts = np.concatenate([pts[:9][::-1], pts[9:][::-1]])
                 kdir = vdir / "MR_SAG_3D_DESS" / f"{SIDE_NAMES[side]}_KNEE"
                 # --- DESS MR + labels + analytic thickness maps
-                grid = MRGrid.around_knee(cfg.mr_spacing_mm, cfg.mr_half_extent_mm,
-                                          offset=tuple(rng.normal(0, 1.5, 3)))
-                sdfs = tissue_sdfs(kv, grid)
-                lab = to_pir(label_volume(sdfs, grid.shape), side)
-                mr = to_pir(dess_signal(sdfs, grid.shape, grid.spacing, rng), side)
-                centre = ((1.0 if side == "L" else -1.0) * 95.0 + rng.normal(0, 5), rng.normal(0, 5), rng.normal(0, 5))
-                aff = pir_affine_lps(grid, side, centre)
-                mr_u16 = np.round(np.clip(mr * 1500.0, 0, 65535)).astype(np.uint16)
-                if cfg.write_mr_dicom:
-                    write_mr_series(tmp / kdir / "dicom", mr_u16, aff, patient,
-                                    series_uid=uid(study_uid, side, "dess"), laterality=side)
-                write_nifti(tmp / kdir / "dess.nii.gz", mr_u16, aff, dtype=np.uint16)
-                write_nifti(tmp / kdir / "labels.nii.gz", lab, aff, dtype=np.uint8)
+                if cfg.write_mr:
+                    grid = MRGrid.around_knee(cfg.mr_spacing_mm, cfg.mr_half_extent_mm,
+                                              offset=tuple(rng.normal(0, 1.5, 3)))
+                    sdfs = tissue_sdfs(kv, grid)
+                    lab = to_pir(label_volume(sdfs, grid.shape), side)
+                    mr = to_pir(dess_signal(sdfs, grid.shape, grid.spacing, rng), side)
+                    centre = ((1.0 if side == "L" else -1.0) * 95.0 + rng.normal(0, 5), rng.normal(0, 5),
+                              rng.normal(0, 5))
+                    aff = pir_affine_lps(grid, side, centre)
+                    mr_u16 = np.round(np.clip(mr * 1500.0, 0, 65535)).astype(np.uint16)
+                    if cfg.write_mr_dicom:
+                        write_mr_series(tmp / kdir / "dicom", mr_u16, aff, patient,
+                                        series_uid=uid(study_uid, side, "dess"), laterality=side)
+                    write_nifti(tmp / kdir / "dess.nii.gz", mr_u16, aff, dtype=np.uint16)
+                    write_nifti(tmp / kdir / "labels.nii.gz", lab, aff, dtype=np.uint8)
                 maps = kv.thickness_maps((cfg.map_size, cfg.map_size))
                 write_npy(tmp / kdir / "fc_thickness.npy", maps["fc"])
                 write_npy(tmp / kdir / "tc_thickness.npy", maps["tc"])
@@ -195,9 +198,9 @@ def generate_subject(cfg: CohortConfig, index: int, root: Path) -> list[dict]:
                 rows.append({
                     "subject_id": sub.subject_id, "side": side, "visit_month": int(month),
                     "xray_dicom": str(base / xray_rel),
-                    "dess_dicom_dir": str(base / kdir / "dicom") if cfg.write_mr_dicom else "",
-                    "dess_nifti": str(base / kdir / "dess.nii.gz"),
-                    "labels_nifti": str(base / kdir / "labels.nii.gz"),
+                    "dess_dicom_dir": str(base / kdir / "dicom") if cfg.write_mr and cfg.write_mr_dicom else "",
+                    "dess_nifti": str(base / kdir / "dess.nii.gz") if cfg.write_mr else "",
+                    "labels_nifti": str(base / kdir / "labels.nii.gz") if cfg.write_mr else "",
                     "fc_map": str(base / kdir / "fc_thickness.npy"),
                     "tc_map": str(base / kdir / "tc_thickness.npy"),
                     "dxa_nifti": str(base / dxa_rel) if dxa_rel else "",

@@ -94,13 +94,16 @@ def contact_sheet(cohort: str | Path, out_png: str | Path, knees=None) -> Path:
             ax.plot(pts[9:, 0], pts[9:, 1], ".", color="cyan", ms=3)
             ax.plot(pts[4, 0], pts[4, 1], "+", color="red", ms=8)
             ax.set_title(f"{sid} {side} {month} m  KLG {r.klg}\nmJSW med {r.jsw_medial_mm:.2f} mm", fontsize=7)
-            r2 = r.copy()
-            r2["side"] = side
-            mri, lab = _mr_slice(m, r2)
             ax = axes[3 * ki + 1, vi]
-            ax.imshow(mri, cmap="gray")
-            ax.imshow(lab, cmap=LABEL_CMAP, vmin=0, vmax=4, interpolation="nearest")
-            ax.set_title("DESS sagittal, medial + labels", fontsize=7)
+            if isinstance(r.dess_nifti, str) and r.dess_nifti:
+                r2 = r.copy()
+                r2["side"] = side
+                mri, lab = _mr_slice(m, r2)
+                ax.imshow(mri, cmap="gray")
+                ax.imshow(lab, cmap=LABEL_CMAP, vmin=0, vmax=4, interpolation="nearest")
+                ax.set_title("DESS sagittal, medial + labels", fontsize=7)
+            else:
+                ax.set_title("no MR in this cohort", fontsize=7)
             fc = np.load(resolve(m, r.fc_map))
             tc = np.load(resolve(m, r.tc_map))
             ax = axes[3 * ki + 2, vi]
