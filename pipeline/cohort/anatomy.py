@@ -16,9 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.thickness.grid import PHI_MAX, THETA_HALF, THETA_MID
+
 from .disease import DiseaseParams, jsn_grade, klg_rule, osteophyte_grade
 from .shapes import Ellipsoid, Pose, SpindleTorus, ZCylinder, union_length
-from .thickness_field import PHI_MAX, THETA_HALF, THETA_MID, ThicknessField, render_map, sample_modes
+from .thickness_field import ThicknessField, render_map, sample_modes
 
 BONES = ("femur", "tibia", "fibula", "patella")
 
@@ -109,7 +111,9 @@ class KneeVisit:
     klg: int
 
     # ------------------------------------------------------------------ thickness ground truth
-    def fc_polar_to_xy(self, k: int, theta, phi):
+    @staticmethod
+    def fc_polar_to_xy(theta, phi):
+        """Condyle surface angles (rad) -> normalised atlas coordinates (x, y)."""
         return phi / PHI_MAX, (theta - THETA_MID) / THETA_HALF
 
     def tc_plane_coords(self, u, v, w):

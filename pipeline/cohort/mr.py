@@ -140,7 +140,7 @@ def tissue_sdfs(kv: KneeVisit, grid: MRGrid) -> dict[str, Patch]:
         u, v, w = grid.coords(sl)
         lu, lv, lw = kv.femur_pose.to_local(u, v, w)
         d, theta, phi = cond.polar(lu, lv, lw)
-        x, y = kv.fc_polar_to_xy(k, theta, phi)
+        x, y = kv.fc_polar_to_xy(theta, phi)
         t = kv.fc[k](x, y)
         sdf = np.maximum(cond.r - d, d - cond.r - np.nan_to_num(t, nan=-1.0))
         fc.paint(sl, np.where(np.isnan(t), far, sdf).astype(np.float32))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.thickness.grid import PHI_MAX, THETA_HALF, THETA_MID, atlas_grid  # noqa: F401
+from pipeline.thickness.grid import atlas_grid
 
 
 @dataclass(frozen=True)

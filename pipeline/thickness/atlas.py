@@ -27,7 +27,7 @@ Steps (thickness is measured in native voxel space BEFORE any mapping, then tran
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
@@ -151,7 +151,6 @@ class PlateauFit:
     b_axis: np.ndarray
     ab_centre: tuple[float, float] = (0.0, 0.0)
     ab_semi: tuple[float, float] = (1.0, 1.0)
-    extra: dict = field(default_factory=dict)
 
     def plane_coords(self, p: np.ndarray):
         d = p - self.centre
