@@ -129,3 +129,14 @@ def test_segmentation_result_feeds_the_map_batch(tmp_path, knee):
     df = batch_maps(items, tmp_path / "maps", size=SIZE, png=False, progress=False)
     assert list(df.status) == ["ok", "failed"] and "truncated file" in df.error[1]
     assert (tmp_path / "maps" / "a_LEFT_KNEE_dess_seg_fc.npy").exists()
+
+
+def test_small_false_positive_fragments_do_not_move_the_maps(knee):
+    lab, aff, _, _ = knee
+    clean = labels_to_maps(lab, aff, "L", size=SIZE)
+    noisy = lab.copy()
+    noisy[2:6, 2:6, 2:6] = 2  # FC fragment far from the femur, in a corner of the volume
+    noisy[-6:-2, -6:-2, 2:6] = 4  # TC fragment
+    got = labels_to_maps(noisy, aff, "L", size=SIZE)
+    for kind in ("fc", "tc"):
+        assert np.allclose(getattr(clean, kind), getattr(got, kind), equal_nan=True, atol=1e-6)

@@ -6,8 +6,8 @@ Steps (thickness is measured in native voxel space BEFORE any mapping, then tran
    (i posterior, j inferior, k patient's right) and right knees are flipped along k, so k points
    medially for every knee (left-knee convention). A knee stored with any DICOM orientation maps to the
    same canonical array.
-2. **Native thickness**: :func:`pipeline.thickness.local_thickness` on the FC (label 2) and TC (label 4)
-   masks with the anisotropic spacing.
+2. **Clean-up**: cartilage components smaller than 10 % of the largest are dropped (false-positive
+   fragments of predicted segmentations).
 3. **Alignment from the bone labels** (no intensity registration): cartilage voxels are split into the
    medial and lateral compartment at the largest gap along the medial-lateral axis. For each femoral
    condyle a torus with a medial-lateral axis (a circle in the sagittal plane swept by a coronal circle)
@@ -98,6 +98,18 @@ def _split_ml(u: np.ndarray) -> float:
         return float(0.5 * (edges[core.start + t] + edges[core.start + t + 1]))
     a = core.start + best_start
     return float(0.5 * (edges[a] + edges[a + best]))
+
+
+def main_components(mask: np.ndarray, min_fraction: float = 0.1) -> np.ndarray:
+    """Keep the connected components (26-connectivity) of at least ``min_fraction`` of the largest one:
+    drops the small false-positive fragments of predicted segmentations (the two condyles / plateaus
+    are each kept as large components)."""
+    lab, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    if n <= 1:
+        return mask
+    sizes = np.bincount(lab.ravel())[1:]
+    keep = np.flatnonzero(sizes >= min_fraction * sizes.max()) + 1
+    return np.isin(lab, keep)
 
 
 def _interface(mask: np.ndarray, bone: np.ndarray) -> np.ndarray:
@@ -257,7 +269,7 @@ def labels_to_maps(labels: np.ndarray, affine: np.ndarray, side: str, size: tupl
     h = float(np.mean(sp))
     out, coverage, fits = {}, {}, {}
     for kind, lab_c, lab_b in (("fc", LABEL_FC, LABEL_FEMUR), ("tc", LABEL_TC, LABEL_TIBIA)):
-        mask = lab == lab_c
+        mask = main_components(lab == lab_c)
         if mask.sum() < 20:
             raise FlatteningError(f"too few {kind.upper()} voxels ({int(mask.sum())}) to build a map")
         p = _coords(mask, sp)
