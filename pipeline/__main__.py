@@ -90,14 +90,14 @@ def cmd_demo(a: argparse.Namespace) -> int:
     out = Path(a.out)
     cfg = _config(a)
     t0 = time.time()
-    print(f"[demo] 1/3 synthetic cohort: {cfg.n_subjects} subjects, visits {list(cfg.visits)} -> {out / 'cohort'}")
+    print(f"[demo] 1/4 synthetic cohort: {cfg.n_subjects} subjects, visits {list(cfg.visits)} -> {out / 'cohort'}")
     m = generate_cohort(out / "cohort", cfg)
     print(f"[demo]     {len(m)} knee-visits in {time.time() - t0:.0f} s")
-    print("[demo] 2/3 cohort report and contact sheet")
+    print("[demo] 2/4 cohort report and contact sheet")
     rep = write_cohort_report(out / "cohort", out)
     text = Path(rep).read_text()
     if cfg.write_mr:
-        print("[demo] 3/3 thickness maps from the DESS labels (bundles/thickness)")
+        print("[demo] 3/4 thickness maps from the DESS labels (bundles/thickness)")
         from pipeline.io.atomic import write_text_atomic
         from pipeline.thickness.report import cohort_maps, maps_over_visits_figure, thickness_report_lines
 
@@ -106,10 +106,41 @@ def cmd_demo(a: argparse.Namespace) -> int:
         text += "\n".join(thickness_report_lines(df, png))
         write_text_atomic(rep, text)
     else:
-        print("[demo] 3/3 skipped: no MR volumes (--no-mr), so no labels to map")
+        print("[demo] 3/4 skipped: no MR volumes (--no-mr), so no labels to map")
+    if not a.no_mris:
+        from pipeline.io.atomic import write_text_atomic
+        from pipeline.mris.demo import run_mris_demo
+
+        t1 = time.time()
+        print(f"[demo] 4/4 MRIS: radiograph + map cohort of {a.mris_subjects} subjects, training (demo config: "
+              "96 px, 20 epochs; the paper uses 256 px and 450 epochs), evaluation -> " + str(out / "mris"))
+        mris_report = run_mris_demo(out, seed=a.seed, n_subjects=a.mris_subjects, workers=a.workers)
+        text += "\n## MRIS (bundles/mris, demo config)\n\n" + _summary(Path(mris_report).read_text())
+        text += f"\nFull MRIS report: `{mris_report}`, example syntheses: `{Path(mris_report).parent / 'examples.png'}`.\n"
+        write_text_atomic(rep, text)
+        print(f"[demo]     MRIS done in {time.time() - t1:.0f} s")
+    else:
+        print("[demo] 4/4 skipped (--no-mris)")
     print(text)
     print(f"[demo] done in {time.time() - t0:.0f} s; report: {rep}")
     return 0
+
+
+def _summary(report: str) -> str:
+    """The first table of an MRIS report (retrieval recall) and the 'all' rows of the second (synthesis)."""
+    tables: list[list[str]] = []
+    for line in report.splitlines():
+        if line.startswith("|"):
+            if not tables or not tables[-1] or not tables[-1][-1].startswith("|"):
+                tables.append([])
+            tables[-1].append(line)
+        elif tables and tables[-1]:
+            tables[-1].append("")  # end of a table
+    tables = [[ln for ln in t if ln] for t in tables]
+    out = tables[0] if tables else []
+    if len(tables) > 1:
+        out = out + [""] + tables[1][:2] + [ln for ln in tables[1][2:] if "| all |" in ln]
+    return "\n".join(out) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_report)
     d = sub.add_parser("demo", help="the main job on the embedded default cohort")
     d.add_argument("--out", "-o", default="demo_output", help="output folder (default demo_output)")
+    d.add_argument("--no-mris", action="store_true", help="skip the MRIS training and evaluation (about 10 min)")
+    d.add_argument("--mris-subjects", type=int, default=120,
+                   help="subjects of the radiograph-only MRIS cohort (default 120)")
     _cohort_args(d, 40)
     d.set_defaults(func=cmd_demo)
     return p

@@ -93,3 +93,24 @@ def test_split_is_by_subject_deterministic_and_complete():
     assert split_subjects(subjects, {"x": 0.5, "y": 0.5}, seed=4) != split_subjects(subjects, {"x": 0.5, "y": 0.5}, seed=5)
     tiny = split_subjects(["a", "b", "c"], {"database": 0.8, "downstream": 0.1, "test": 0.1})
     assert sorted(tiny.values()) == ["database", "downstream", "test"]
+
+
+def test_demo_command_without_mris_writes_report(tmp_path, capsys):
+    code = main(["demo", "--out", str(tmp_path), "--tiny", "-n", "1", "--no-mr", "--no-mris", "--workers", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "[demo] 4/4 skipped (--no-mris)" in out
+    assert (tmp_path / "cohort_report.md").exists() and (tmp_path / "cohort_contact_sheet.png").exists()
+    assert "Knees per KLG and visit" in (tmp_path / "cohort_report.md").read_text()
+
+
+def test_mris_report_summary_keeps_recall_and_overall_rows():
+    from pipeline.__main__ import _summary
+
+    report = "\n".join(["# MRIS", "", "| | R@1 | R@5 |", "|---|---|---|", "| MRIS | 10.0 | 40.0 |",
+                        "| chance | 5.0 | 25.0 |", "", "## Synthesis", "", "| method | map | group | median |",
+                        "|---|---|---|---|", "| MRIS-C | fc | all | 0.2 |", "| MRIS-C | fc | 0-1 | 0.3 |",
+                        "| mean database map | fc | all | 0.25 |"])
+    lines = _summary(report).splitlines()
+    assert "| MRIS | 10.0 | 40.0 |" in lines and "| chance | 5.0 | 25.0 |" in lines
+    assert "| MRIS-C | fc | all | 0.2 |" in lines and "| mean database map | fc | all | 0.25 |" in lines
+    assert not any("0-1" in ln for ln in lines)
