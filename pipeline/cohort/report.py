@@ -46,18 +46,13 @@ def pick_knees(m: pd.DataFrame, n: int = 3) -> list[tuple[str, str]]:
 
 
 def _xray_crop(m: pd.DataFrame, row: pd.Series):
-    from pipeline.io.dicom import read_radiograph
+    """The knee's 140 mm ROI as the pipeline crops it (no flip, for display) and its landmarks in it."""
+    from transforms import KneeROICrop, LoadKneeRadiograph, original_to_crop_points
 
-    img, meta = read_radiograph(resolve(m, row.xray_dicom))
-    sp = np.asarray(meta["spacing_mm"], dtype=float)  # (row, column) mm
+    img = LoadKneeRadiograph()(str(resolve(m, row.xray_dicom)))
     pts = np.asarray(json.loads(row.landmarks), dtype=float)
-    cx, cy = pts[4]
-    half = (ROI_MM / sp / 2.0).round().astype(int)  # (rows, cols)
-    r0, c0 = int(round(cy)) - half[0], int(round(cx)) - half[1]
-    pad = int(half.max()) + 1
-    padded = np.pad(img, pad, mode="constant", constant_values=float(np.nanmin(img)))
-    crop = padded[r0 + pad:r0 + pad + 2 * half[0], c0 + pad:c0 + pad + 2 * half[1]]
-    return crop, pts - np.array([c0, r0])
+    crop = KneeROICrop(ROI_MM, pad_value=float(img.min()), flip_side=None)(img, pts[4], row.side)
+    return np.asarray(crop[0]), original_to_crop_points(pts, crop)
 
 
 def _mr_slice(m: pd.DataFrame, row: pd.Series):
