@@ -16,6 +16,9 @@ Sides, visits, subjects
 
 from __future__ import annotations
 
+import re
+from typing import Optional
+
 SIDES: tuple[str, ...] = ("R", "L")
 SIDE_NAMES: dict[str, str] = {"R": "RIGHT", "L": "LEFT"}
 
@@ -68,3 +71,20 @@ def klg_bucket(klg: int) -> str:
     if k < 0 or k > 4:
         raise ValueError(f"KLG must be in 0..4, got {klg}")
     return "0-1" if k <= 1 else str(k)
+
+
+_SIDE_WORD = re.compile(r"(?:^|[^A-Za-z])(RIGHT|LEFT)(?:[^A-Za-z]|$)", re.IGNORECASE)
+_SIDE_LETTER = re.compile(r"(?:^|[^A-Za-z0-9])([RL])(?:[^A-Za-z0-9]|$)", re.IGNORECASE)
+
+
+def side_from_name(text: str, short_tokens: bool = False) -> Optional[str]:
+    """``"R"`` / ``"L"`` from a ``RIGHT`` / ``LEFT`` token in a path or name (last match wins), else, with
+    ``short_tokens``, from a lone ``R`` / ``L`` token (``9001_R_00``, ``R_knee``); ``None`` if neither."""
+    hits = _SIDE_WORD.findall(str(text))
+    if hits:
+        return "R" if hits[-1].upper() == "RIGHT" else "L"
+    if short_tokens:
+        letters = _SIDE_LETTER.findall(str(text))
+        if letters:
+            return letters[-1].upper()
+    return None

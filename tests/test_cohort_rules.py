@@ -28,3 +28,15 @@ def test_progression_labels():
     assert progression_labels(kl01) == (1, 2)  # 0->1 is not progression for the 3-class label
     kl4 = dict(zip(months, [4] * 7))
     assert progression_labels(kl4) == (0, -1)
+
+
+def test_side_from_name_tokens():
+    from pipeline.conventions import side_from_name
+
+    assert side_from_name("9001/00_MONTH/RIGHT_KNEE/labels.nii.gz") == "R"
+    assert side_from_name("left_knee-then-RIGHT.nii") == "R"  # last token wins
+    assert side_from_name("BRIGHT_scan.nii") is None  # not a token
+    assert side_from_name("9001_R_00.nii.gz") is None  # short tokens only on request
+    assert side_from_name("9001_R_00.nii.gz", short_tokens=True) == "R"
+    assert side_from_name("L_knee.nii.gz", short_tokens=True) == "L"
+    assert side_from_name("knee.nii.gz", short_tokens=True) is None

@@ -7,10 +7,10 @@ Every entry is a dict ``{"image": abs path, "label": abs path (manifest only), "
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from pipeline.conventions import side_from_name
 from pipeline.io.dicom import has_dicm_preamble
 from pipeline.io.manifest import load_manifest, resolve, split_subjects
 
@@ -19,7 +19,6 @@ PathLike = Union[str, Path]
 #: Default subject-level split fractions (train / val / test).
 DEFAULT_FRACTIONS: dict[str, float] = {"train": 0.7, "val": 0.15, "test": 0.15}
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-_SIDE_TOKEN = re.compile(r"(?:^|[^A-Za-z])(RIGHT|LEFT)(?:[^A-Za-z]|$)", re.IGNORECASE)
 
 
 def datalist_from_manifest(manifest_path: PathLike, split: Optional[str] = "train", seed: int = 0,
@@ -79,8 +78,7 @@ def _is_nifti(path: Path) -> bool:
 
 def side_from_path(path: PathLike) -> Optional[str]:
     """``"R"`` / ``"L"`` from a ``RIGHT`` / ``LEFT`` token in the path (last match wins), else ``None``."""
-    hits = _SIDE_TOKEN.findall(str(path))
-    return None if not hits else ("R" if hits[-1].upper() == "RIGHT" else "L")
+    return side_from_name(str(path))
 
 
 def side_from_dicom(folder: PathLike) -> Optional[str]:

@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from pipeline.conventions import side_from_name  # noqa: E402
 from pipeline.io.atomic import atomic_path, write_text_atomic  # noqa: E402
 
 from .atlas import labels_to_maps  # noqa: E402
@@ -134,16 +135,14 @@ def items_from_manifest(manifest: str | Path) -> list[dict]:
 
 def items_from_folder(folder: str | Path, side: str | None = None) -> list[dict]:
     """Batch items from a folder of label NIfTIs / DICOM series. The side comes from ``side`` or from the
-    file name (``*_R_*``/``*_L_*``, ``RIGHT``/``LEFT``); an item without a known side fails with a clear
-    reason when processed."""
+    file name (:func:`pipeline.conventions.side_from_name`: ``RIGHT`` / ``LEFT`` tokens, else ``R`` / ``L``
+    tokens such as ``*_R_*``); an item without a known side fails with a clear reason when processed."""
     folder = Path(folder)
     items = []
     for p in sorted(folder.iterdir()):
         if p.name.startswith("."):
             continue
-        name = p.name.upper()
-        s = side or ("R" if ("_R_" in name or "RIGHT" in name or name.startswith("R_")) else
-                     "L" if ("_L_" in name or "LEFT" in name or name.startswith("L_")) else None)
+        s = side or side_from_name(p.name, short_tokens=True)
         stem = p.name.split(".")[0]
         items.append({"labels": str(p), "side": s if s else "unknown", "stem": stem})
     return items
