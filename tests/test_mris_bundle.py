@@ -136,10 +136,59 @@ def test_inference_folder_with_corrupt_dicom(trained, tmp_path):
 
 
 def test_inference_without_landmarks_raises_clear_error(tmp_path):
-    from pipeline.mris.infer import LandmarksRequiredError, read_landmarks
+    from pipeline.mris.infer import LandmarksRequiredError, read_landmarks, run_inference
 
     with pytest.raises(LandmarksRequiredError, match="landmark model"):
         read_landmarks(None, tmp_path)
+    # neither a landmarks table nor a landmark-model checkpoint: the same clear error from run_inference
+    with pytest.raises(LandmarksRequiredError, match="kneel_global_ckpt"):
+        run_inference(None, tmp_path / "none.pt", tmp_path, tmp_path / "db", tmp_path / "out", landmarks=None,
+                      kneel_global_ckpt=None, kneel_local_ckpt=None)
+
+
+def _tiny_kneel_checkpoints(folder: Path) -> tuple[Path, Path]:
+    """Untrained tiny KNEEL global + local checkpoints (self-describing state dicts, as the kneel bundle saves)."""
+    from pipeline.landmarks.engine import make_network
+
+    torch.manual_seed(0)
+    paths = []
+    for stage, size, spacing in (("global", 32, 8.0), ("local", 32, 4.0)):
+        p = folder / f"kneel_{stage}.pt"
+        torch.save(make_network(stage, size, spacing, width=2).state_dict(), p)
+        paths.append(p)
+    return paths[0], paths[1]
+
+
+def test_inference_on_bare_dicom_folder_finds_knees_with_landmark_model(trained, tmp_path):
+    """No landmarks CSV: bundles/mris inference finds both knees with a (tiny) KNEEL checkpoint, end to end."""
+    import shutil
+
+    out, manifest, _ = trained
+    if not (out / "database").is_dir():  # built by the evaluate test; build it here when run alone
+        _bundle_run("evaluating", "evaluate.json", bundle_root=str(out), manifest=str(manifest), k=20, **SMALL)
+    m = pd.read_csv(manifest, dtype={"subject_id": str})
+    folder = tmp_path / "bare"
+    folder.mkdir()
+    shutil.copy(manifest.parent / m["xray_dicom"].iloc[0], folder / "knees.dcm")
+    (folder / "broken.dcm").write_bytes(b"DICM" + b"\x00" * 300)
+    g, loc = _tiny_kneel_checkpoints(tmp_path)
+    res = tmp_path / "inference"
+    _bundle_run("inference", "inference.json", bundle_root=str(out), input=str(folder), output_dir=str(res),
+                image_size=32, widen_factor=0.125, kneel_global_ckpt=str(g), kneel_local_ckpt=str(loc))
+    summary = json.loads((res / "summary.json").read_text())
+    assert summary["landmarks_source"] == {"kneel_global_ckpt": str(g), "kneel_local_ckpt": str(loc)}
+    assert summary["n_knees_ok"] == 2 and summary["n_failed"] == 1
+    assert "landmark model" in summary["failures"][0]["error"] and "broken.dcm" in summary["failures"][0]["file"]
+    from pipeline.io.dicom import read_radiograph
+
+    h, w = read_radiograph(folder / "knees.dcm")[0].shape
+    knees = {k["side"]: k for k in summary["knees"]}
+    assert set(knees) == {"R", "L"}
+    for side, k in knees.items():
+        x, y = k["centre_xy"]
+        assert 0 <= y < h and (0 <= x < w / 2 if side == "R" else w / 2 <= x < w)  # right knee = image left half
+        assert k["landmark_status"] in ("ok", "low_confidence") and 0.0 <= k["landmark_confidence"] <= 1.0
+        assert np.isfinite(np.load(Path(k["folder"]) / "fc.npy")).any()
 
 
 def test_separate_variant_train_step_and_recall_metric():

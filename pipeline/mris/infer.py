@@ -7,7 +7,11 @@ Inputs
   absolute, or just the file name), ``side`` (``R``/``L``; the patient's right knee is on the image's
   left) and ``x``, ``y`` = joint centre (KNEEL landmark 4) in ORIGINAL radiograph pixels (column, row).
   A cohort manifest (``xray_dicom``, ``side``, ``joint_centre_x``/``joint_centre_y`` or ``landmarks``) is
-  accepted too. Without landmarks :class:`LandmarksRequiredError` is raised (no landmark model yet).
+  accepted too, and so is the ``landmarks.csv`` written by the KNEEL bundle (``bundles/kneel``).
+* ``kneel_global_ckpt`` / ``kneel_local_ckpt``: without a landmarks table, the knees are found by the KNEEL
+  landmark model (:func:`pipeline.landmarks.infer.predict_knees`; the local checkpoint is optional); its
+  per-knee status / confidence / flags are copied into the summary. With neither landmarks nor a global
+  checkpoint :class:`LandmarksRequiredError` is raised.
 * ``database_dir``: an embedding database built by ``evaluate.json`` with the SAME checkpoint
   (its hash is checked; another checkpoint raises ``CheckpointMismatchError``).
 
@@ -49,12 +53,12 @@ class LandmarksRequiredError(ValueError):
 
 def read_landmarks(path: str | Path | None, input_root: Path) -> pd.DataFrame:
     """Landmarks table -> DataFrame[file (absolute str), side, x, y]. See the module docstring."""
-    if path is None or str(path) == "" or str(path).lower() == "none":
+    if not _given(path):
         raise LandmarksRequiredError(
             "MRIS inference needs the knee-joint centre of every knee: pass a landmarks CSV with columns "
             "file, side, x, y (joint centre in original radiograph pixels) or a cohort manifest "
-            "(xray_dicom, side, joint_centre_x, joint_centre_y). The landmark model (bundles/kneel) "
-            "does not exist yet, so landmarks cannot be detected automatically."
+            "(xray_dicom, side, joint_centre_x, joint_centre_y), or let the KNEEL landmark model find the knees: "
+            "pass kneel_global_ckpt (and optionally kneel_local_ckpt), trained with bundles/kneel."
         )
     path = Path(path)
     if not path.is_file():
@@ -78,12 +82,45 @@ def read_landmarks(path: str | Path | None, input_root: Path) -> pd.DataFrame:
     if missing:
         raise ValueError(f"{path}: missing landmark column(s) {missing}; expected file, side, x, y")
     for r in df.itertuples(index=False):
+        side = str(r.side).strip().upper()[:1] if isinstance(r.side, str) else ""
+        if side not in ("R", "L") or pd.isna(r.x) or pd.isna(r.y):
+            continue  # e.g. an error row of a KNEEL landmarks.csv: reported as "no landmarks" below
         f = Path(str(r.file))
         if not f.is_absolute():
             f = (input_root / f) if (input_root / f).exists() else f
-        rows.append({"file": str(f.resolve()) if f.exists() else str(r.file), "side": str(r.side).upper()[0],
+        rows.append({"file": str(f.resolve()) if f.exists() else str(r.file), "side": side,
                      "x": float(r.x), "y": float(r.y)})
     return pd.DataFrame(rows)
+
+
+def _given(value: Any) -> bool:
+    """False for None / "" / "none" (config values that mean "not given")."""
+    return not (value is None or str(value).strip() == "" or str(value).strip().lower() == "none")
+
+
+def detect_landmarks(files: list[Path], global_ckpt: Any, local_ckpt: Any = None, device: torch.device | str = "cpu",
+                     progress: bool = True) -> tuple[pd.DataFrame, dict[str, str]]:
+    """Joint centres of every knee in ``files`` from the KNEEL model -> (landmarks table [file, side, x, y,
+    landmark_status, landmark_confidence, landmark_message], {resolved file: reason} for files without a
+    usable knee). Knees of unknown side (a single-knee image without laterality) are reported, not used."""
+    from pipeline.landmarks.infer import predict_knees
+
+    pred = predict_knees(files, global_ckpt, local_ckpt if _given(local_ckpt) else None, device=device,
+                         progress=progress)
+    rows, problems = [], {}
+    for r in pred.to_dict(orient="records"):
+        key = str(Path(r["file"]).resolve())
+        if r["status"] == "error" or not np.isfinite([r["x"], r["y"]]).all():
+            problems[key] = f"landmark model: {r['message']}"
+            continue
+        if r["side"] not in ("R", "L"):
+            problems[key] = f"landmark model: knee side unknown ({r['message']})"
+            continue
+        rows.append({"file": key, "side": r["side"], "x": float(r["x"]), "y": float(r["y"]),
+                     "landmark_status": r["status"], "landmark_confidence": float(r["confidence"]),
+                     "landmark_message": r["message"]})
+    cols = ["file", "side", "x", "y", "landmark_status", "landmark_confidence", "landmark_message"]
+    return pd.DataFrame(rows, columns=cols), problems
 
 
 def _match(files: list[Path], lm: pd.DataFrame) -> list[tuple[Path, list[dict]]]:
@@ -120,19 +157,29 @@ def save_map_png(path: Path, m: np.ndarray, title: str, vmax: float | None = Non
 def run_inference(network: torch.nn.Module, checkpoint: str | Path, input: str | Path,
                   database_dir: str | Path, output_dir: str | Path, landmarks: str | Path | None = None,
                   variant: str = "combined", image_size: int = 256, k: int = 20,
-                  device: torch.device | str = "cpu", png: bool = True, progress: bool = True) -> dict[str, Any]:
-    """Synthesize FC/TC maps for every knee with landmarks; returns (and writes) the summary dict."""
+                  device: torch.device | str = "cpu", png: bool = True, progress: bool = True,
+                  kneel_global_ckpt: Any = None, kneel_local_ckpt: Any = None) -> dict[str, Any]:
+    """Synthesize FC/TC maps for every knee with landmarks; returns (and writes) the summary dict.
+
+    Knees come from ``landmarks`` if given, else from the KNEEL model (``kneel_global_ckpt`` [+
+    ``kneel_local_ckpt``]); with neither, :class:`LandmarksRequiredError` is raised."""
     variant = check_variant(variant)
     input = Path(input)
     if not input.exists():
         raise FileNotFoundError(f"input not found: {input}")
     root = input if input.is_dir() else input.parent
-    lm = read_landmarks(landmarks, root)
+    files = list_radiographs(input) if input.is_dir() else [input]
+    lm_problems: dict[str, str] = {}
+    if _given(landmarks) or not _given(kneel_global_ckpt):
+        lm = read_landmarks(landmarks, root)  # raises LandmarksRequiredError when neither is given
+        source = "table"
+    else:
+        lm, lm_problems = detect_landmarks(files, kneel_global_ckpt, kneel_local_ckpt, device, progress)
+        source = "kneel"
     load_network_weights(network, checkpoint)
     model = unwrap(network).to(device).eval()
     db = EmbeddingDatabase.load(database_dir, expected_checkpoint_hash=checkpoint_hash(checkpoint))
     k_used = min(int(k), len(db))
-    files = list_radiographs(input) if input.is_dir() else [input]
     chain = Compose(radiograph_transforms(image_size))
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -141,7 +188,8 @@ def run_inference(network: torch.nn.Module, checkpoint: str | Path, input: str |
     jobs = _match(files, lm)
     for f, rows in tqdm(jobs, desc="MRIS inference", unit="file", disable=not progress):
         if not rows:
-            failures.append({"file": str(f), "error": "no landmarks for this file in the landmarks table"})
+            failures.append({"file": str(f), "error": lm_problems.get(
+                str(f.resolve()), "no landmarks for this file in the landmarks table")})
             continue
         for r in rows:
             name = f"{f.relative_to(root).as_posix().replace('/', '_') if f.is_relative_to(root) else f.name}_{r['side']}"
@@ -177,7 +225,8 @@ def run_inference(network: torch.nn.Module, checkpoint: str | Path, input: str |
                 np.save(kdir / f"{kk}.npy", maps[kk].astype(np.float32))
                 if png:
                     save_map_png(kdir / f"{kk}.png", maps[kk], f"{name} synthesized {kk.upper()} (mm)")
-            knees.append({"knee": name, "file": str(f), "side": r["side"], "centre_xy": [r["x"], r["y"]],
+            lm_info = {k: r[k] for k in ("landmark_status", "landmark_confidence", "landmark_message") if k in r}
+            knees.append({"knee": name, "file": str(f), "side": r["side"], "centre_xy": [r["x"], r["y"]], **lm_info,
                           "folder": str(kdir), "mean_thickness_mm": {kk: float(np.nanmean(maps[kk])) for kk in MAP_KEYS},
                           "top1_similarity": float(nb[MAP_KEYS[0]].similarities[0, 0])})
     summary = {
@@ -185,6 +234,8 @@ def run_inference(network: torch.nn.Module, checkpoint: str | Path, input: str |
                       "cartilage footprint",
         "variant": variant, "checkpoint": str(checkpoint), "checkpoint_hash": db.checkpoint_hash,
         "database": str(database_dir), "database_size": len(db), "k": k_used,
+        "landmarks_source": source if source == "table" else {
+            "kneel_global_ckpt": str(kneel_global_ckpt), "kneel_local_ckpt": str(kneel_local_ckpt)},
         "n_files": len(files), "n_knees_ok": len(knees), "n_failed": len(failures),
         "knees": knees, "failures": failures,
     }
