@@ -42,7 +42,7 @@ from .radiograph import DetectorGeometry, KneePlacement, dxa_image, expose, line
 from .subject import Subject, sample_subject, subject_rng, visit_date
 from .writers import uid, write_mr_series, write_nifti, write_npy, write_radiograph_dicom
 
-FORMAT_VERSION = 4  # bump when the generator's output changes for the same config
+FORMAT_VERSION = 5  # bump when the generator's output changes for the same config
 
 
 @dataclass(frozen=True)

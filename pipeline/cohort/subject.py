@@ -41,7 +41,8 @@ def sample_subject(seed: int, index: int, visits=VISITS, missing_rate: float = 0
     age = float(np.round(rng.uniform(45, 79), 1))
     bmi = float(np.round(np.clip(rng.normal(28.5, 4.5), 18.5, 45.0), 1))
     scale = float(rng.normal(1.07 if sex == "M" else 0.95, 0.035))
-    thick = float(rng.normal(1.1 if sex == "M" else 1.0, 0.06))
+    # Cartilage thickness scales with joint size (larger bones carry thicker cartilage), plus a residual.
+    thick = float(scale**1.5 * rng.normal(1.0, 0.04))
     risk = float(np.clip((age - 45) / 34 * 0.5 + (bmi - 22) / 20 * 0.5 + rng.normal(0, 0.15), 0, 1))
     varus = float(np.deg2rad(rng.normal(1.0, 1.5)))
     knees = {}

@@ -64,7 +64,7 @@ class ThicknessField:
                               float(loss_mm), tuple(defects), self.rim)
 
 
-def sample_modes(rng: np.random.Generator, n: int = 5, amp: float = 0.07) -> tuple:
+def sample_modes(rng: np.random.Generator, n: int = 5, amp: float = 0.04) -> tuple:
     """Low-frequency cosine modes of a smooth random field (relative amplitude ``amp``)."""
     modes = []
     for _ in range(n):
