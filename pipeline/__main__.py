@@ -1,4 +1,4 @@
-"""Command line: ``python -m pipeline {cohort,report,demo} ...``.
+"""Command line: ``python -m pipeline {cohort,report,demo,compare} ...``.
 
 Errors in the user's input (bad arguments, unwritable folders, invalid manifests) print one line starting
 with ``error:`` and exit with status 2; they never print a traceback.
@@ -90,14 +90,14 @@ def cmd_demo(a: argparse.Namespace) -> int:
     out = Path(a.out)
     cfg = _config(a)
     t0 = time.time()
-    print(f"[demo] 1/4 synthetic cohort: {cfg.n_subjects} subjects, visits {list(cfg.visits)} -> {out / 'cohort'}")
+    print(f"[demo] 1/5 synthetic cohort: {cfg.n_subjects} subjects, visits {list(cfg.visits)} -> {out / 'cohort'}")
     m = generate_cohort(out / "cohort", cfg)
     print(f"[demo]     {len(m)} knee-visits in {time.time() - t0:.0f} s")
-    print("[demo] 2/4 cohort report and contact sheet")
+    print("[demo] 2/5 cohort report and contact sheet")
     rep = write_cohort_report(out / "cohort", out)
     text = Path(rep).read_text()
     if cfg.write_mr:
-        print("[demo] 3/4 thickness maps from the DESS labels (bundles/thickness)")
+        print("[demo] 3/5 thickness maps from the DESS labels (bundles/thickness)")
         from pipeline.io.atomic import write_text_atomic
         from pipeline.thickness.report import cohort_maps, maps_over_visits_figure, thickness_report_lines
 
@@ -106,23 +106,86 @@ def cmd_demo(a: argparse.Namespace) -> int:
         text += "\n".join(thickness_report_lines(df, png))
         write_text_atomic(rep, text)
     else:
-        print("[demo] 3/4 skipped: no MR volumes (--no-mr), so no labels to map")
+        print("[demo] 3/5 skipped: no MR volumes (--no-mr), so no labels to map")
     if not a.no_mris:
         from pipeline.io.atomic import write_text_atomic
         from pipeline.mris.demo import run_mris_demo
 
         t1 = time.time()
-        print(f"[demo] 4/4 MRIS: radiograph + map cohort of {a.mris_subjects} subjects, training (demo config: "
-              "96 px, 20 epochs; the paper uses 256 px and 450 epochs), evaluation -> " + str(out / "mris"))
+        print(f"[demo] 4/5 MRIS: radiograph + map cohort of {a.mris_subjects} subjects, training (demo config: "
+              "128 px, half-width ResNet-18s, 40 epochs; the paper uses 256 px, full width and 450 epochs), evaluation -> " + str(out / "mris"))
         mris_report = run_mris_demo(out, seed=a.seed, n_subjects=a.mris_subjects, workers=a.workers)
         text += "\n## MRIS (bundles/mris, demo config)\n\n" + _summary(Path(mris_report).read_text())
         text += f"\nFull MRIS report: `{mris_report}`, example syntheses: `{Path(mris_report).parent / 'examples.png'}`.\n"
         write_text_atomic(rep, text)
         print(f"[demo]     MRIS done in {time.time() - t1:.0f} s")
+        if not a.no_compare:
+            from pipeline.compare import run_short_report
+
+            t2 = time.time()
+            print("[demo] 5/5 short paper-style comparison (python -m pipeline compare --short): MRIS-C vs a U-Net "
+                  "trained for 2 epochs, downstream KLG / progression classifiers -> " + str(out / "compare_short"))
+            cmp_report = run_short_report(out / "compare_short", out / "mris_cohort" / "manifest.csv",
+                                          mris_c_root=out / "mris", seed=a.seed, threads=1)
+            summary = Path(cmp_report).parent / "summary.md"
+            text += "\n## Short comparison (MRIS-C vs U-Net, downstream classifiers)\n\n"
+            text += (summary if summary.is_file() else Path(cmp_report)).read_text()
+            text += f"\nFull comparison report: `{cmp_report}`.\n"
+            write_text_atomic(rep, text)
+            print(f"[demo]     comparison done in {time.time() - t2:.0f} s")
+        else:
+            print("[demo] 5/5 skipped (--no-compare)")
     else:
-        print("[demo] 4/4 skipped (--no-mris)")
+        print("[demo] 4/5 and 5/5 skipped (--no-mris)")
     print(text)
     print(f"[demo] done in {time.time() - t0:.0f} s; report: {rep}")
+    return 0
+
+
+def _fractions(text: str) -> dict:
+    import ast
+    import json
+
+    try:
+        d = json.loads(text)
+    except ValueError:
+        try:
+            d = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise argparse.ArgumentTypeError(f"expected a dict like '{{\"database\": 0.55, \"downstream\": 0.2, "
+                                             f"\"test\": 0.25}}' (got {text!r})") from None
+    if not isinstance(d, dict) or not all(isinstance(v, (int, float)) for v in d.values()):
+        raise argparse.ArgumentTypeError(f"expected a dict of set name -> fraction (got {text!r})")
+    return {str(k): float(v) for k, v in d.items()}
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    from pipeline.compare import CompareConfig, run_compare, run_short_report
+
+    shared = {k: v for k, v in {"image_size": a.image_size, "epochs": a.epochs, "draws_per_epoch": a.draws_per_epoch,
+                                "batch_size": a.batch_size, "split_fractions": a.split_fractions,
+                                "split_seed": a.split_seed, "val_fraction": a.val_fraction}.items() if v is not None}
+    if not a.config and (not a.manifest or not a.out):
+        raise ValueError("compare needs --manifest and --out (or a --config that names them)")
+    if a.short:
+        if not a.manifest or not a.out:
+            raise ValueError("compare --short needs --manifest and --out")
+        report = run_short_report(a.out, a.manifest, a.mris_c_root, seed=a.seed if a.seed is not None else 0,
+                                  shared=shared, preset=a.preset or "demo", device=a.device, threads=a.threads)
+    else:
+        kw = {"manifest": a.manifest, "out": a.out, "seed": a.seed, "preset": a.preset, "mris_c_root": a.mris_c_root,
+              "mris_s_root": a.mris_s_root, "k": a.k, "device": a.device, "threads": a.threads,
+              "resume": a.resume or None,
+              "methods": [m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else None}
+        kw = {k: v for k, v in kw.items() if v is not None}
+        if a.config:
+            cfg = CompareConfig.from_json(a.config, **kw)
+            cfg.shared.update(shared)
+        else:
+            cfg = CompareConfig(**kw, shared=shared)
+        report = run_compare(cfg)
+    print(Path(report).read_text())
+    print(f"report: {report}")
     return 0
 
 
@@ -157,10 +220,42 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the main job on the embedded default cohort")
     d.add_argument("--out", "-o", default="demo_output", help="output folder (default demo_output)")
     d.add_argument("--no-mris", action="store_true", help="skip the MRIS training and evaluation (about 10 min)")
-    d.add_argument("--mris-subjects", type=int, default=120,
-                   help="subjects of the radiograph-only MRIS cohort (default 120)")
+    d.add_argument("--no-compare", action="store_true",
+                   help="skip the short MRIS vs U-Net comparison and downstream classifiers (step 5)")
+    d.add_argument("--mris-subjects", type=int, default=160,
+                   help="subjects of the radiograph-only MRIS cohort (default 160)")
     _cohort_args(d, 40)
     d.set_defaults(func=cmd_demo)
+    cp = sub.add_parser("compare", help="MRIS vs direct synthesis: retrieval, synthesis error, downstream classifiers")
+    cp.add_argument("--manifest", "-m", default=None,
+                    help="knee-visit manifest (MR-extracted maps, KLG, progression); required unless in --config")
+    cp.add_argument("--out", "-o", default=None,
+                    help="output folder (report.md, CSV tables, figures, config.json); required unless in --config")
+    cp.add_argument("--config", default=None, help="CompareConfig JSON (e.g. a previous run's config.json)")
+    cp.add_argument("--methods", default=None,
+                    help="comma-separated synthesis methods (default mris-c,mris-s,unet,pix2pix,transformer)")
+    cp.add_argument("--preset", choices=("demo", "paper"), default=None,
+                    help="demo: the bundles' *_demo.json + small classifiers (default); paper: the paper's settings")
+    cp.add_argument("--mris-c-root", default=None, help="trained MRIS-C bundle root (models/model.pt); else trained")
+    cp.add_argument("--mris-s-root", default=None, help="trained MRIS-S bundle root; else trained")
+    cp.add_argument("--seed", type=int, default=None, help="seed of every training (default 0)")
+    cp.add_argument("--image-size", type=int, default=None, help="shared image size (default: the MRIS config's)")
+    cp.add_argument("--epochs", type=int, default=None, help="shared epochs (default: the MRIS config's)")
+    cp.add_argument("--draws-per-epoch", type=int, default=None, help="shared sampler draws per epoch")
+    cp.add_argument("--batch-size", type=int, default=None, help="shared batch size")
+    cp.add_argument("--split-fractions", type=_fractions, default=None,
+                    help="subject split, e.g. '{\"database\": 0.55, \"downstream\": 0.2, \"test\": 0.25}'")
+    cp.add_argument("--split-seed", type=int, default=None, help="split seed (default: the MRIS config's)")
+    cp.add_argument("--val-fraction", type=float, default=None, help="validation fraction of the database subjects")
+    cp.add_argument("--k", type=int, default=None, help="MRIS neighbours (default 20)")
+    cp.add_argument("--device", default="cpu", help="torch device for synthesis and classifiers (default cpu)")
+    cp.add_argument("--threads", type=int, default=None,
+                    help="CPU threads per process (default: PyTorch's); 1 is faster on a machine shared with other jobs")
+    cp.add_argument("--resume", action="store_true",
+                    help="reuse models trained in --out by an earlier run with the same training settings")
+    cp.add_argument("--short", action="store_true",
+                    help="the short version: MRIS-C (reused with --mris-c-root) vs a 2-epoch U-Net, short classifiers")
+    cp.set_defaults(func=cmd_compare)
     return p
 
 

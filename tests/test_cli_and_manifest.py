@@ -98,7 +98,7 @@ def test_split_is_by_subject_deterministic_and_complete():
 def test_demo_command_without_mris_writes_report(tmp_path, capsys):
     code = main(["demo", "--out", str(tmp_path), "--tiny", "-n", "1", "--no-mr", "--no-mris", "--workers", "1"])
     out = capsys.readouterr().out
-    assert code == 0 and "[demo] 4/4 skipped (--no-mris)" in out
+    assert code == 0 and "[demo] 4/5 and 5/5 skipped (--no-mris)" in out
     assert (tmp_path / "cohort_report.md").exists() and (tmp_path / "cohort_contact_sheet.png").exists()
     assert "Knees per KLG and visit" in (tmp_path / "cohort_report.md").read_text()
 
