@@ -25,3 +25,14 @@ def tiny_cohort(tmp_path_factory):
     cfg = CohortConfig(n_subjects=3, seed=7, workers=2, **TINY)
     manifest = generate_cohort(root, cfg, progress=False)
     return root, manifest
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny networks (faster than two, also on a busy machine)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -20,12 +20,7 @@ TINY_NET = {"base_channels": 4, "hidden_size": 16, "num_layers": 1, "num_heads":
 SPLIT = {"database": 0.67, "downstream": 0.0, "test": 0.33}  # 3 subjects -> 2 database, 1 test
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny networks: one thread is faster, also on a busy machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_masked_l1_against_numpy():

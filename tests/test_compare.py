@@ -25,12 +25,7 @@ SMALL_CLS = {"image_size": 32, "klg": {"epochs": 2, "widen_factor": 0.125, "batc
              "progression": {"epochs": 2, "widen_factor": 0.125, "batch_size": 8}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny networks: one thread is faster, also on a busy machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_read_bundle_config_merges_like_monai(tmp_path):

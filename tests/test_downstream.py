@@ -27,12 +27,7 @@ Y = np.array([0, 0, 1, 1, 0, 1, 0, 1, 0, 0, 1, 0])
 S = np.array([0.1, 0.4, 0.35, 0.8, 0.1, 0.4, 0.7, 0.8, 0.2, 0.8, 0.9, 0.05])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny networks: one thread is faster, also on a busy machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_roc_auc_matches_mann_whitney_u():

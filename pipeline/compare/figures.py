@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.conventions import KLG_BUCKETS, MAP_KEYS, klg_bucket
+from pipeline.conventions import MAP_KEYS
 from pipeline.downstream.metrics import precision_recall_curve, roc_curve
+from pipeline.mris.evaluate import pick_examples
 
 __all__ = ["example_maps_figure", "pick_examples", "roc_pr_figure"]
 
@@ -23,17 +24,6 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def pick_examples(items: Sequence[dict]) -> list[tuple[str, int]]:
-    """``(bucket name, item index)``: the first item (in item order) of each KLG bucket that has one."""
-    picks = []
-    for bucket in KLG_BUCKETS:
-        name = klg_bucket(bucket[0])
-        idx = [i for i, it in enumerate(items) if it["klg"] >= 0 and klg_bucket(it["klg"]) == name]
-        if idx:
-            picks.append((name, idx[0]))
-    return picks
 
 
 def example_maps_figure(path: str | Path, items: Sequence[dict], truth: Mapping[str, np.ndarray],

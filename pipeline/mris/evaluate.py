@@ -136,7 +136,7 @@ def mean_map_baseline(db: EmbeddingDatabase, chunk: int = 1024) -> dict[str, np.
 
 
 # --------------------------------------------------------------------------------------------- evaluation
-def _truth_stack(items: Sequence[dict], masks: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def truth_stack(items: Sequence[dict], masks: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     truth = {k: np.stack([load_raw_maps(it)[k] for it in items]) for k in MAP_KEYS}
     for k in MAP_KEYS:
         inside_nan = np.isnan(truth[k]) & masks[k][None]
@@ -197,7 +197,7 @@ def evaluate_test(network: torch.nn.Module, checkpoint: str | Path, manifest: st
     synth = ({kk: r.maps.numpy() for kk, r in res.items()} if isinstance(res, Mapping)
              else {kk: v.numpy() for kk, v in res.maps.items()})
     neighbours = res[MAP_KEYS[0]] if isinstance(res, Mapping) else res
-    truth = _truth_stack(items, db.masks)
+    truth = truth_stack(items, db.masks)
     base = mean_map_baseline(db)
     base_stack = {kk: np.broadcast_to(base[kk], truth[kk].shape) for kk in MAP_KEYS}
     klg = [it["klg"] if it["klg"] >= 0 else None for it in items]
@@ -249,6 +249,17 @@ def markdown_report(metrics: Mapping[str, Any], table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pick_examples(items: Sequence[dict]) -> list[tuple[str, int]]:
+    """``(bucket name, item index)``: the first item (in item order) of each KLG bucket that has one."""
+    picks = []
+    for bucket in KLG_BUCKETS:
+        name = klg_bucket(bucket[0])
+        idx = [i for i, it in enumerate(items) if it["klg"] >= 0 and klg_bucket(it["klg"]) == name]
+        if idx:
+            picks.append((name, idx[0]))
+    return picks
+
+
 def example_figure(path: str | Path, items: Sequence[dict], images: torch.Tensor | None,
                    truth: Mapping[str, np.ndarray], synth: Mapping[str, np.ndarray],
                    masks: Mapping[str, np.ndarray]) -> Path | None:
@@ -258,12 +269,7 @@ def example_figure(path: str | Path, items: Sequence[dict], images: torch.Tensor
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    picks = []
-    for bucket in KLG_BUCKETS:
-        name = klg_bucket(bucket[0])
-        idx = [i for i, it in enumerate(items) if it["klg"] >= 0 and klg_bucket(it["klg"]) == name]
-        if idx:
-            picks.append((name, idx[0]))
+    picks = pick_examples(items)
     if not picks:
         return None
     vmax = float(max(np.nanmax(truth[k]) for k in MAP_KEYS))

@@ -25,11 +25,11 @@ from pipeline.conventions import MAP_KEYS
 from pipeline.mris.data import check_variant
 from pipeline.mris.engine import load_network_weights, make_network
 from pipeline.mris.evaluate import (
-    _truth_stack,
     build_mris_database,
     embed_radiographs,
     load_raw_maps,
     mean_map_baseline,
+    truth_stack,
 )
 from pipeline.retrieval import EmbeddingDatabase
 
@@ -43,7 +43,7 @@ def truth_maps(items: Sequence[dict], masks: Mapping[str, np.ndarray]) -> dict[s
     outside the footprint; NaN inside ``masks`` set to 0 mm with a warning (as the MRIS evaluation does)."""
     if not items:
         raise ValueError("truth_maps: no items")
-    return _truth_stack(items, masks)
+    return truth_stack(items, masks)
 
 
 def mean_map(items: Sequence[dict], masks: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
