@@ -14,11 +14,13 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from pipeline.user_errors import UserInputError
+
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "data_manifests" / "knee_visit.schema.json"
 MAX_REPORTED = 20
 
 
-class ManifestError(ValueError):
+class ManifestError(UserInputError):
     """A manifest does not satisfy its schema; the message lists the offending rows and columns."""
 
 

@@ -19,11 +19,12 @@ import torch
 
 from pipeline.landmarks.geometry import StageSpec
 from pipeline.landmarks.network import KneelHourglass
+from pipeline.user_errors import UserInputError
 
 __all__ = ["make_network", "unwrap", "read_state_dict", "load_landmark_model", "LandmarkCheckpointError"]
 
 
-class LandmarkCheckpointError(ValueError):
+class LandmarkCheckpointError(UserInputError):
     """A landmark checkpoint is missing or does not describe a KNEEL network."""
 
 

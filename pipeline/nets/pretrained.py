@@ -18,12 +18,14 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from pipeline.user_errors import UserInputError
+
 __all__ = ["WeightsMismatchError", "load_encoder_weights", "read_state_dict"]
 
 _FIRST_CONV = "conv1.weight"
 
 
-class WeightsMismatchError(ValueError):
+class WeightsMismatchError(UserInputError):
     """A checkpoint file does not fit the encoder (missing / unexpected keys or shape mismatches)."""
 
 

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from pipeline.conventions import MAP_KEYS
 from pipeline.retrieval.knn import KNNResult, knn_synthesize, knn_synthesize_separate
+from pipeline.user_errors import UserInputError
 
 __all__ = [
     "FORMAT_NAME",
@@ -59,11 +60,11 @@ MAP_DTYPES = ("float16", "float32")
 EmbedFn = Callable[[dict[str, torch.Tensor]], Union[torch.Tensor, Mapping[str, torch.Tensor]]]
 
 
-class DatabaseFormatError(ValueError):
+class DatabaseFormatError(UserInputError):
     """The database folder, or the data given to build one, is malformed."""
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserInputError):
     """A database was built with another model checkpoint than the one it is used with."""
 
 

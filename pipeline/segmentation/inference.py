@@ -19,18 +19,30 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.nets.pretrained import WeightsMismatchError
+from pipeline.user_errors import require_checkpoint
+
 from .transforms import FLIP_META_KEY
+
+#: The command that trains the checkpoint this inference needs.
+TRAIN_COMMAND = "python -m monai.bundle run training --config_file bundles/dess_seg/configs/train.json"
 
 logger = logging.getLogger(__name__)
 
 
 def load_weights(network: torch.nn.Module, checkpoint: str, map_location: Any = "cpu") -> torch.nn.Module:
     """Load a ``CheckpointSaver`` file (a bare state dict, or ``{"model": state_dict, ...}``) into ``network``."""
+    require_checkpoint(checkpoint, TRAIN_COMMAND, "segmentation checkpoint")
     state = torch.load(checkpoint, map_location=map_location, weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     target = network.module if hasattr(network, "module") else network
-    target.load_state_dict(state)
+    try:
+        target.load_state_dict(state)
+    except RuntimeError as e:
+        raise WeightsMismatchError(f"checkpoint {checkpoint} does not fit the configured network (check "
+                                   f"channels / strides / n_classes against the training config): {str(e)[:300]}"
+                                   ) from None
     return network
 
 
