@@ -91,10 +91,11 @@ class TransUNet2D(nn.Module):
         self.out = UnetOutBlock(2, c, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != self.in_channels or tuple(x.shape[2:]) != (self.img_size,) * 2:
+        # TorchScript-compatible (``ckpt_export``): lists rather than tuple() of a shape, indexed skips
+        if x.ndim != 4 or x.shape[1] != self.in_channels or list(x.shape[2:]) != [self.img_size, self.img_size]:
             raise ValueError(f"TransUNet2D expects B x {self.in_channels} x {self.img_size} x {self.img_size}, "
-                             f"got {tuple(x.shape)}")
-        skips = []
+                             f"got {list(x.shape)}")
+        skips: list[torch.Tensor] = []
         h = x
         for block in self.enc:
             h = block(h)
@@ -104,8 +105,8 @@ class TransUNet2D(nn.Module):
         t = tokens.flatten(2).transpose(1, 2) + self.pos_embed
         t = self.norm(self.transformer(t))
         h = t.transpose(1, 2).reshape(b, d, gh, gw)
-        for block, skip in zip(self.dec, reversed(skips)):
-            h = block(h, skip)
+        for i, block in enumerate(self.dec):  # deepest skip first
+            h = block(h, skips[len(skips) - 1 - i])
         return self.out(h)
 
 

@@ -65,8 +65,11 @@ class Hourglass(nn.Module):
         up1 = self.up1(x)
         low = F.max_pool2d(x, 2, ceil_mode=True)
         low = self.low3(self.low2(self.low1(low)))
-        kw = {"align_corners": False} if self.upmode in ("bilinear", "bicubic") else {}
-        up2 = F.interpolate(low, size=up1.shape[-2:], mode=self.upmode, **kw)
+        # two explicit calls rather than ``**kwargs``: TorchScript (``ckpt_export``) has no kwarg expansion
+        if self.upmode in ("bilinear", "bicubic"):
+            up2 = F.interpolate(low, size=up1.shape[-2:], mode=self.upmode, align_corners=False)
+        else:
+            up2 = F.interpolate(low, size=up1.shape[-2:], mode=self.upmode)
         return up1 + up2
 
 

@@ -19,7 +19,7 @@ __all__ = ["soft_argmax_2d", "heatmap_probabilities", "normalised_to_pixels", "p
 def heatmap_probabilities(logits: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
     """Spatial softmax ``p = softmax(beta * logits)`` over the last two axes of ``(B, N, H, W)``."""
     if logits.ndim != 4:
-        raise ValueError(f"expected heat-map logits (B, N, H, W), got shape {tuple(logits.shape)}")
+        raise ValueError(f"expected heat-map logits (B, N, H, W), got shape {list(logits.shape)}")  # TorchScript
     b, n, h, w = logits.shape
     p = torch.softmax(float(beta) * logits.reshape(b, n, h * w).float(), dim=-1)
     return p.reshape(b, n, h, w)

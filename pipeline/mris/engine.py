@@ -29,16 +29,27 @@ from monai.utils import CommonKeys
 from pipeline.conventions import MAP_KEYS
 from pipeline.metrics import recall_at_k
 from pipeline.mris.data import check_variant, network_keys
-from pipeline.nets import DualEncoder, MRISSeparate
+from pipeline.nets import DualEncoder, MRISSeparate, RadiographDualEncoder, RadiographMRISSeparate
+from pipeline.nets.pretrained import WeightsMismatchError
+from pipeline.user_errors import require_checkpoint
 
 Embeddings = torch.Tensor | dict[str, torch.Tensor]
 
 
-def make_network(variant: str = "combined", widen_factor: float = 1.0, stem_stride: int = 2) -> torch.nn.Module:
+def make_network(variant: str = "combined", widen_factor: float = 1.0, stem_stride: int = 2,
+                 radiograph_only: bool = False) -> torch.nn.Module:
     """MRIS-C (``"combined"``): one :class:`DualEncoder` on stacked FC/TC maps; MRIS-S (``"separate"``):
-    :class:`MRISSeparate` with one pair per map. ``widen_factor`` < 1 only for tests and demos."""
+    :class:`MRISSeparate` with one pair per map. ``widen_factor`` < 1 only for tests and demos.
+
+    ``radiograph_only=True`` (inference, ``verify_net_in_out``, ``ckpt_export``): the same model with the
+    same state-dict keys (training checkpoints load strictly; ``embed_xray`` / ``embed_map`` unchanged) but
+    ``forward(x)`` = the radiograph embedding only: ``B x D`` for MRIS-C
+    (:class:`~pipeline.nets.RadiographDualEncoder`), the FC and TC radiograph embeddings concatenated,
+    ``B x 2D``, for MRIS-S (:class:`~pipeline.nets.RadiographMRISSeparate`)."""
     kw = {"widen_factor": float(widen_factor), "stem_stride": int(stem_stride)}
-    return DualEncoder(**kw) if check_variant(variant) == "combined" else MRISSeparate(MAP_KEYS, **kw)
+    if check_variant(variant) == "combined":
+        return RadiographDualEncoder(**kw) if radiograph_only else DualEncoder(**kw)
+    return RadiographMRISSeparate(MAP_KEYS, **kw) if radiograph_only else MRISSeparate(MAP_KEYS, **kw)
 
 
 def unwrap(network: torch.nn.Module) -> torch.nn.Module:
@@ -49,6 +60,7 @@ def unwrap(network: torch.nn.Module) -> torch.nn.Module:
 def load_network_weights(network: torch.nn.Module, path: str | Path, strict: bool = True) -> torch.nn.Module:
     """Load a training checkpoint into ``network``: a bare state dict (``model.pt``) or a dict holding it
     under ``"model"`` / ``"network"`` / ``"state_dict"`` (``model_final.pt``); ``module.`` prefixes stripped."""
+    require_checkpoint(path, "python -m monai.bundle run training --config_file bundles/mris/configs/train.json")
     obj = torch.load(Path(path), map_location="cpu", weights_only=True)
     for key in ("model", "network", "state_dict"):
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
@@ -58,7 +70,7 @@ def load_network_weights(network: torch.nn.Module, path: str | Path, strict: boo
     try:
         unwrap(network).load_state_dict(state, strict=strict)
     except RuntimeError as e:
-        raise RuntimeError(
+        raise WeightsMismatchError(
             f"checkpoint {path} does not fit the configured network (check variant / widen_factor / "
             f"stem_stride against the training config): {str(e)[:400]}"
         ) from None

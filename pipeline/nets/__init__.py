@@ -5,6 +5,8 @@ from pipeline.nets.dual_encoder import (
     DualEncoder,
     ImageEncoder,
     MRISSeparate,
+    RadiographDualEncoder,
+    RadiographMRISSeparate,
     count_parameters,
 )
 from pipeline.nets.pretrained import WeightsMismatchError, load_encoder_weights, read_state_dict
@@ -14,6 +16,8 @@ __all__ = [
     "DualEncoder",
     "ImageEncoder",
     "MRISSeparate",
+    "RadiographDualEncoder",
+    "RadiographMRISSeparate",
     "WeightsMismatchError",
     "count_parameters",
     "load_encoder_weights",

@@ -8,6 +8,11 @@ max-pooling), no classification head, global average pooling and L2 normalisatio
 
 MRIS-C uses one :class:`DualEncoder` (thickness input = FC and TC stacked vertically into one image);
 MRIS-S uses :class:`MRISSeparate`, one :class:`DualEncoder` per map key (``"fc"``, ``"tc"``).
+
+For inference, export and MONAI's bundle checks (``verify_net_in_out``, ``ckpt_export``), which call a
+network with ONE image, :class:`RadiographDualEncoder` / :class:`RadiographMRISSeparate` are the same
+models (same state-dict keys: training checkpoints load with ``strict=True``) whose ``forward(x)`` returns
+only the radiograph embedding; they (and :class:`ImageEncoder`) are TorchScript-compatible.
 """
 
 from __future__ import annotations
@@ -21,7 +26,14 @@ from torch import nn
 
 from pipeline.conventions import MAP_KEYS
 
-__all__ = ["ImageEncoder", "DualEncoder", "MRISSeparate", "count_parameters"]
+__all__ = [
+    "ImageEncoder",
+    "DualEncoder",
+    "MRISSeparate",
+    "RadiographDualEncoder",
+    "RadiographMRISSeparate",
+    "count_parameters",
+]
 
 #: Number of parameters of the full-width MRIS pair reported in the paper (22.4 M).
 PAPER_PARAMETERS = 22.4e6
@@ -73,8 +85,9 @@ class ImageEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``B x C x H x W`` -> ``B x out_dim`` (unit L2 norm when ``normalize``)."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
+            # list(), not tuple(): TorchScript cannot size a tuple built from a shape
             raise ValueError(
-                f"ImageEncoder expects B x {self.in_channels} x H x W input, got shape {tuple(x.shape)}"
+                f"ImageEncoder expects B x {self.in_channels} x H x W input, got shape {list(x.shape)}"
             )
         feats = self.net(x)
         return F.normalize(feats, dim=1) if self.normalize else feats
@@ -164,3 +177,34 @@ class MRISSeparate(nn.Module):
         for k in self.keys:
             groups += self.pairs[k].parameter_groups(lr_xray=lr_xray, lr_map=lr_map, **group_kwargs)
         return groups
+
+
+class RadiographDualEncoder(DualEncoder):
+    """MRIS-C inference / export network: a :class:`DualEncoder` whose ``forward(x)`` is the radiograph
+    encoder only.
+
+    ``forward(x)``: radiograph ROI ``B x 1 x H x W`` -> ``f(x)``, ``B x D`` (unit L2 norm). The map encoder
+    is kept (same state-dict keys as :class:`DualEncoder`, so training checkpoints load strictly, and
+    :meth:`embed_map` still works) but is not called by ``forward``. This is the network of the MRIS bundle's
+    ``inference.json`` (``network_def``), verified by ``verify_net_in_out`` and exported by ``ckpt_export``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.xray(x)
+
+
+class RadiographMRISSeparate(MRISSeparate):
+    """MRIS-S inference / export network: an :class:`MRISSeparate` whose ``forward(x)`` runs only the
+    radiograph encoders.
+
+    ``forward(x)``: radiograph ROI ``B x 1 x H x W`` -> ``B x (K * D)``: the radiograph embeddings of the
+    ``K`` map keys concatenated in ``self.keys`` order (default ``("fc", "tc")``: columns ``0 .. D-1`` =
+    ``f_fc(x)``, ``D .. 2D-1`` = ``f_tc(x)``, each block unit L2 norm; the whole row is NOT unit norm).
+    Same state-dict keys as :class:`MRISSeparate`; :meth:`embed_xray` still returns ``{key: B x D}``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        embeddings: list[torch.Tensor] = []
+        for pair in self.pairs.values():  # insertion order = self.keys
+            embeddings.append(pair.xray(x))
+        return torch.cat(embeddings, dim=1)
