@@ -56,6 +56,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.conventions import JOINT_CENTRE_IDX, SIDES, side_from_name
+from pipeline.io.atomic import write_text_atomic
 from pipeline.io.dicom import RadiographReadError, list_radiographs, read_radiograph
 from pipeline.landmarks.data import normalise_canvas
 from pipeline.landmarks.engine import LandmarkCheckpointError, load_landmark_model
@@ -422,15 +423,20 @@ def save_overlay(path: PathLike, image: np.ndarray, rows: Sequence[dict[str, Any
 
 def run_folder(input: PathLike, output_dir: PathLike, global_ckpt: Checkpoints, local_ckpt: Checkpoints | None = None,
                device: torch.device | str = "cpu", layout: str = "auto", tta: bool = True, refine: bool = False,
-               overlays: bool = True, progress: bool = True, **kwargs: Any) -> pd.DataFrame:
+               overlays: bool = True, progress: bool = True, localiser: KneeLocaliser | None = None,
+               **kwargs: Any) -> pd.DataFrame:
     """Inference bundle: every radiograph of ``input`` (file or folder) -> ``output_dir/landmarks.csv``
-    (columns: module docstring), ``output_dir/overlays/<file>.png`` and ``output_dir/summary.json``."""
+    (columns: module docstring), ``output_dir/overlays/<file>.png`` and ``output_dir/summary.json``.
+
+    ``localiser``: a ready :class:`KneeLocaliser` (the ``localiser`` component of
+    ``bundles/kneel/configs/inference.json``); default: built from the checkpoints and the other arguments."""
     inp = Path(input)
     if not inp.exists():
         raise FileNotFoundError(f"input not found: {inp} (a DICOM file or a folder of DICOM files)")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    loc = KneeLocaliser(global_ckpt, local_ckpt, device=device, layout=layout, tta=tta, refine=refine, **kwargs)
+    loc = localiser if localiser is not None else KneeLocaliser(global_ckpt, local_ckpt, device=device, layout=layout,
+                                                                tta=tta, refine=refine, **kwargs)
     rows: list[dict[str, Any]] = []
     root = inp if inp.is_dir() else inp.parent
     for f in tqdm(_files(inp), desc="KNEEL landmarks", unit="image", disable=not progress):
@@ -456,5 +462,5 @@ def run_folder(input: PathLike, output_dir: PathLike, global_ckpt: Checkpoints, 
         "problems": [{"file": r["file"], "side": r["side"], "status": r["status"], "message": r["message"]}
                      for r in rows if r["status"] != "ok"],
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     return df

@@ -3,8 +3,6 @@ per-class Dice helpers and fault-tolerant inference, wired by ``bundles/dess_seg
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from .data import (
     DEFAULT_FRACTIONS,
     build_datalist,
@@ -26,16 +24,9 @@ from .transforms import (
     normalise_side,
 )
 
-
-def default_bundle_root() -> str:
-    """``<repo>/bundles/dess_seg`` for an editable install, else ``bundles/dess_seg`` relative to the CWD."""
-    repo_bundle = Path(__file__).resolve().parents[2] / "bundles" / "dess_seg"
-    return str(repo_bundle if (repo_bundle / "configs").is_dir() else Path("bundles") / "dess_seg")
-
-
 __all__ = [
     "CANONICAL_AXCODES", "CARTILAGE_CHANNELS", "DEFAULT_FRACTIONS", "FLIP_META_KEY", "ML_AXIS", "N_CLASSES",
     "FlipToLeftKneed", "SafeInferenceRunner", "build_datalist", "build_network", "canonical_transforms",
-    "cartilage_dice", "datalist_from_folder", "datalist_from_manifest", "default_bundle_root", "input_root",
+    "cartilage_dice", "datalist_from_folder", "datalist_from_manifest", "input_root",
     "load_weights", "normalise_side", "select_channels", "side_from_dicom", "side_from_path",
 ]
