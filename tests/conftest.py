@@ -36,3 +36,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _restore_excepthook():
+    """In-process bundle runs install pipeline.user_errors' excepthook; keep it from leaking between tests."""
+    import sys
+
+    hook = sys.excepthook
+    yield
+    sys.excepthook = hook

@@ -21,6 +21,9 @@ NO_DATA = [
     ("training", ["kneel/configs/train.json"], "manifest not found"),
     ("training", ["dess_seg/configs/train.json"], "manifest not found"),
     ("training", ["direct_synthesis/configs/train.json"], "manifest not found"),
+    ("training", ["mris/configs/train.json", "mris/configs/multi_gpu_train.json"], "manifest not found"),
+    ("training", ["kneel/configs/train.json", "kneel/configs/multi_gpu_train.json"], "manifest not found"),
+    ("training", ["dess_seg/configs/train.json", "dess_seg/configs/multi_gpu_train.json"], "manifest not found"),
     ("evaluating", ["mris/configs/evaluate.json"], "checkpoint not found"),
     ("evaluating", ["kneel/configs/evaluate.json"], "global-stage checkpoint not found"),
     ("evaluating", ["dess_seg/configs/train.json", "dess_seg/configs/evaluate.json"], "checkpoint not found"),
@@ -78,6 +81,7 @@ def test_users_training_command_prints_one_line_and_exits_nonzero(tmp_path):
 
 
 def test_debug_keeps_the_traceback(restore_excepthook, capsys):
+    assert friendly_errors(debug=True) is False  # uninstalls a hook an earlier in-process bundle run left
     original = sys.excepthook
     assert friendly_errors(debug=False) and sys.excepthook is not original
     try:
