@@ -24,15 +24,16 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # allow `python benchmarks/bench_transforms.py` from a checkout
-    sys.path.insert(0, str(ROOT))
+for _p in (ROOT, ROOT / "tests"):  # allow `python benchmarks/bench_transforms.py` from a checkout
+    if str(_p) not in sys.path:  # (tests/ holds dicom_helpers, the small DX writer of the tests)
+        sys.path.insert(0, str(_p))
 
 SIZE = 256
 ROUNDS = 3
 
 
 def make_files(folder: Path, n: int, rows: int = 1000, cols: int = 860) -> list[Path]:
-    from transforms.testing import synthetic_knee_image, write_radiograph_dicom
+    from dicom_helpers import synthetic_knee_image, write_radiograph_dicom
 
     out = []
     for i in range(n):

@@ -1,4 +1,4 @@
-"""Command line: ``python -m pipeline {cohort,report,demo,compare} ...``.
+"""Command line: ``python -m pipeline {cohort,report,demo,compare,bundles} ...``.
 
 Errors in the user's input (bad arguments, unwritable folders, invalid manifests) print one line starting
 with ``error:`` and exit with status 2; they never print a traceback.
@@ -7,6 +7,7 @@ with ``error:`` and exit with status 2; they never print a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -189,6 +190,27 @@ def cmd_compare(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bundles(a: argparse.Namespace) -> int:
+    from pipeline import bundle_paths as bp
+
+    if a.configs:
+        path = bp.bundle_configs(a.configs)
+        if not path.is_dir():
+            raise FileNotFoundError(f"no configs of bundle {a.configs!r} at {path} (bundles: "
+                                    f"{', '.join(bp.bundle_names()) or 'none found'})")
+        print(path)
+        return 0
+    env = os.environ.get(bp.ENV_BUNDLES, "").strip()
+    where = ("repository checkout" if bp.repository_root() is not None else
+             "installed package" if bp.installed_data_dir() is not None else "not found")
+    print(f"bundle configs (read-only): {bp.bundles_dir()} ({where}{f'; ${bp.ENV_BUNDLES}={env}' if env else ''})")
+    print(f"manifest schema: {bp.manifest_schema_path()}")
+    print("bundle             configs -> default outputs (bundle_root; --bundle_root DIR moves them)")
+    for name in bp.bundle_names():
+        print(f"{name:18s} {bp.bundle_configs(name)} -> {bp.bundle_root(name)}")
+    return 0
+
+
 def _summary(report: str) -> str:
     """The first table of an MRIS report (retrieval recall) and the 'all' rows of the second (synthesis)."""
     tables: list[list[str]] = []
@@ -256,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--short", action="store_true",
                     help="the short version: MRIS-C (reused with --mris-c-root) vs a 2-epoch U-Net, short classifiers")
     cp.set_defaults(func=cmd_compare)
+    b = sub.add_parser("bundles", help="where the bundle configs are and where their outputs go")
+    b.add_argument("--configs", metavar="NAME", default=None,
+                   help="print only the configs folder of bundle NAME (e.g. thickness), for scripts")
+    b.set_defaults(func=cmd_bundles)
     return p
 
 

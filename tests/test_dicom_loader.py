@@ -7,9 +7,9 @@ import os
 
 import numpy as np
 import pytest
+from dicom_helpers import write_radiograph_dicom
 
 from pipeline.io.dicom import RadiographReadError, list_radiographs, read_radiograph
-from transforms.testing import write_radiograph_dicom
 
 
 def _pixels(rows=6, cols=9, seed=0, top=4095):

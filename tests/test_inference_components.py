@@ -9,12 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from dicom_helpers import synthetic_knee_image, write_radiograph_dicom
 from monai.bundle import ConfigParser
 from monai.transforms import Compose
 
 from pipeline.knee_inference import KneeMapWriter
 from pipeline.mris.data import radiograph_transforms
-from transforms.testing import synthetic_knee_image, write_radiograph_dicom
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 CONFIGS = [BUNDLES / b / "configs" / "inference.json" for b in ("mris", "direct_synthesis")]

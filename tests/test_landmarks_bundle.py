@@ -66,10 +66,10 @@ def test_evaluate_reports_groups_recall_and_mris_roi_offset(kneel_models):
 
 def test_inference_folder_with_bad_inputs_never_crashes(kneel_models, tmp_path):
     import pydicom
+    from dicom_helpers import write_radiograph_dicom
     from monai.bundle import run
 
     from pipeline.io.dicom import read_radiograph
-    from transforms.testing import write_radiograph_dicom
 
     out, manifest = kneel_models
     m = pd.read_csv(manifest, dtype={"subject_id": str})

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from transforms.testing import synthetic_knee_image, write_radiograph_dicom
+from dicom_helpers import synthetic_knee_image, write_radiograph_dicom
 
 
 def _ramp(h=20, w=30):

@@ -16,14 +16,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.bundle_paths import bundle_configs
 from pipeline.downstream.run import DownstreamSettings
 
 __all__ = ["BASELINE_METHODS", "CompareConfig", "DS_CONFIG_DIR", "LABELS", "MRIS_CONFIG_DIR", "MRIS_METHODS",
            "PRESETS", "SHARED_KEYS", "SYNTH_METHODS", "downstream_settings", "read_bundle_config"]
 
-REPO = Path(__file__).resolve().parents[2]
-MRIS_CONFIG_DIR = REPO / "bundles" / "mris" / "configs"
-DS_CONFIG_DIR = REPO / "bundles" / "direct_synthesis" / "configs"
+MRIS_CONFIG_DIR = bundle_configs("mris")
+DS_CONFIG_DIR = bundle_configs("direct_synthesis")
 
 MRIS_METHODS: tuple[str, ...] = ("mris-c", "mris-s")
 BASELINE_METHODS: tuple[str, ...] = ("unet", "pix2pix", "transformer")

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from pipeline.baselines.evaluate import klg_or_none
 from pipeline.baselines.nets import make_discriminator, make_generator
 from pipeline.baselines.synthesize import atlas_masks, load_generator, predict_maps
+from pipeline.bundle_paths import repository_root
 from pipeline.compare import tables
 from pipeline.compare.config import (
     BASELINE_METHODS,
@@ -42,7 +43,6 @@ from pipeline.compare.config import (
     LABELS,
     MRIS_CONFIG_DIR,
     MRIS_METHODS,
-    REPO,
     CompareConfig,
     downstream_settings,
 )
@@ -86,7 +86,7 @@ def run_bundle(run_id: str, config_dir: Path, files: Sequence[str], bundle_root:
     with open(log, "w") as fh:
         fh.write("# " + " ".join(cmd) + "\n")
         fh.flush()
-        r = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        r = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=repository_root(), env=env)
     if r.returncode != 0:
         raise RuntimeError(f"{run_id} of {bundle_root} failed (exit {r.returncode}); see {log}")
     return time.time() - t0

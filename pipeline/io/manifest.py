@@ -14,9 +14,11 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from pipeline.bundle_paths import manifest_schema_path
 from pipeline.user_errors import UserInputError
 
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "data_manifests" / "knee_visit.schema.json"
+#: ``data_manifests/knee_visit.schema.json`` of the repository or of the installed package.
+SCHEMA_PATH = manifest_schema_path()
 MAX_REPORTED = 20
 
 

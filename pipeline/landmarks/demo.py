@@ -20,25 +20,30 @@ from pathlib import Path
 
 import numpy as np
 
-CONFIGS = Path(__file__).resolve().parents[2] / "bundles" / "kneel" / "configs"
+from pipeline.bundle_paths import bundle_configs
+
+CONFIGS = bundle_configs("kneel")
 
 
 def _bad_inputs(folder: Path, test_image: str) -> None:
     """A test radiograph plus: pydicom's CT_small.dcm (not a knee), the same radiograph without pixel spacing,
-    its left half only (one knee, ImageLaterality 'B'), and a file that is not DICOM."""
+    its left half only (one knee, ImageLaterality 'B'), and a file that is not DICOM. The two variants are
+    the test file's own dataset with tags removed / pixels cropped (uncompressed, as the cohort writes it)."""
     import pydicom
-
-    from pipeline.io.dicom import read_radiograph
-    from transforms.testing import write_radiograph_dicom
 
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copy(test_image, folder / "bilateral.dcm")
-    img, meta = read_radiograph(test_image)
-    raw = np.clip(img, 0, 65535).astype(np.uint16)
-    sp = meta["spacing_mm"]
-    write_radiograph_dicom(folder / "no_spacing.dcm", raw, imager_spacing=None)
-    write_radiograph_dicom(folder / "one_knee_tagged_bilateral.dcm", raw[:, : raw.shape[1] // 2].copy(),
-                           imager_spacing=sp, image_laterality="B")
+    ds = pydicom.dcmread(test_image)
+    for tag in ("ImagerPixelSpacing", "PixelSpacing"):
+        if tag in ds:
+            delattr(ds, tag)
+    ds.save_as(folder / "no_spacing.dcm", enforce_file_format=True)
+    ds = pydicom.dcmread(test_image)
+    half = np.ascontiguousarray(ds.pixel_array[:, : int(ds.Columns) // 2])
+    ds.Columns = half.shape[1]
+    ds.ImageLaterality = "B"
+    ds.PixelData = half.tobytes()
+    ds.save_as(folder / "one_knee_tagged_bilateral.dcm", enforce_file_format=True)
     ct = glob.glob(str(Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"))
     if ct:  # never pydicom.data.get_testdata_files: it may try to download (hangs offline)
         shutil.copy(ct[0], folder / "CT_small.dcm")

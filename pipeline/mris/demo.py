@@ -7,9 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.bundle_paths import bundle_configs
 from pipeline.cohort.generate import CohortConfig, generate_cohort
 
-CONFIGS = Path(__file__).resolve().parents[2] / "bundles" / "mris" / "configs"
+CONFIGS = bundle_configs("mris")
 
 
 def _bundle(run_id: str, files: list[str], bundle_root: Path, manifest: Path) -> None:

@@ -1,4 +1,7 @@
-"""Writing small radiograph DICOMs for tests, examples and benchmarks (pydicom only)."""
+"""Writing small radiograph DICOMs for tests and benchmarks (pydicom only): a test helper, not part of the
+installed package (``transforms.testing`` before). Examples for users write their DICOMs with the cohort
+generator's writer, ``pipeline.cohort.writers.write_radiograph_dicom``.
+"""
 
 from __future__ import annotations
 
