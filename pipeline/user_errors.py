@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 __all__ = [
-    "UserInputError", "MissingInputError", "error_log_path", "find_user_error", "friendly_errors",
+    "UserInputError", "MissingInputError", "CheckpointError", "CheckpointNotFoundError", "CheckpointReadError",
+    "NoStateDictError", "NoDescriptionError", "WeightsMismatchError", "SettingsMismatchError", "error_log_path", "find_user_error", "friendly_errors",
     "require_checkpoint", "require_input", "require_manifest", "require_path",
 ]
 
@@ -29,6 +30,36 @@ class UserInputError(ValueError):
 
 class MissingInputError(UserInputError, FileNotFoundError):
     """A file or folder the run needs does not exist."""
+
+
+# ------------------------------------------------------------------ checkpoints (raised by pipeline.io.checkpoints)
+class CheckpointError(UserInputError):
+    """A model checkpoint cannot be used; the message names the file. Base of the classes below."""
+
+
+class CheckpointNotFoundError(CheckpointError, MissingInputError):
+    """The checkpoint file does not exist."""
+
+
+class CheckpointReadError(CheckpointError):
+    """The file is not a readable torch checkpoint (truncated, or not written by ``torch.save``)."""
+
+
+class NoStateDictError(CheckpointError):
+    """The checkpoint holds no network state dict (bare, or under ``model`` / ``network`` / ``state_dict``)."""
+
+
+class NoDescriptionError(CheckpointError):
+    """The checkpoint does not describe its network (written before checkpoints did) and no settings were given."""
+
+
+class WeightsMismatchError(CheckpointError):
+    """The checkpoint's weights do not fit the network (missing / unexpected keys, other shapes)."""
+
+
+class SettingsMismatchError(CheckpointError):
+    """Settings given by the user, or the network a checkpoint is loaded into, contradict the checkpoint's own
+    description of its network (architecture or expected preprocessing)."""
 
 
 def error_log_path() -> Path:

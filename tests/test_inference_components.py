@@ -27,18 +27,34 @@ def _parser(config: Path = CONFIGS[0], **overrides) -> ConfigParser:
     return parser
 
 
+def _tiny_checkpoint(config: Path, tmp_path: Path) -> Path:
+    """A random-init checkpoint at 64 px: the inference configs read the image size from it."""
+    if config.parent.parent.name == "mris":
+        from pipeline.mris.engine import make_network
+
+        net = make_network("combined", widen_factor=0.125, image_size=64)
+    else:
+        from pipeline.baselines.nets import make_generator
+
+        net = make_generator("unet", image_size=64, base_channels=4)
+    path = tmp_path / "model.pt"
+    torch.save(net.state_dict(), path)
+    return path
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.parent.parent.name)
 def test_declared_preprocessing_equals_the_training_chain(tmp_path, config):
     path = tmp_path / "knee.dcm"
     write_radiograph_dicom(path, synthetic_knee_image(600, 500, [(130, 300), (370, 300)]), imager_spacing=(0.3, 0.3))
     item = {"image": str(path), "centre": (130.0, 300.0), "side": "R"}
-    declared = _parser(config, image_size=64).get_parsed_content("preprocessing")
+    ckpt = str(_tiny_checkpoint(config, tmp_path))
+    declared = _parser(config, checkpoint=ckpt).get_parsed_content("preprocessing")
     ours = Compose(radiograph_transforms(64))
     assert [type(t) for t in declared.transforms] == [type(t) for t in ours.transforms]
     a, b = declared(dict(item))["image"], ours(dict(item))["image"]
     assert a.shape == (1, 64, 64) and torch.equal(torch.as_tensor(a), torch.as_tensor(b))
     # an override reaches the component, as with `--preprocessing#transforms#3#mode bilinear`
-    changed = _parser(config, **{"image_size": 64, "preprocessing#transforms#3#mode": "bilinear"}).get_parsed_content(
+    changed = _parser(config, **{"checkpoint": ckpt, "preprocessing#transforms#3#mode": "bilinear"}).get_parsed_content(
         "preprocessing")
     assert not torch.equal(torch.as_tensor(changed(dict(item))["image"]), torch.as_tensor(a))
 

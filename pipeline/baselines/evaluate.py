@@ -14,8 +14,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from pipeline.baselines.nets import check_method
-from pipeline.baselines.synthesize import atlas_masks, load_generator, predict_maps
+from pipeline.baselines.synthesize import atlas_masks, generator_settings, load_generator, predict_maps
 from pipeline.metrics import synthesis_error_report
 from pipeline.mris.data import manifest_items, select
 from pipeline.mris.synthesize import mean_map, truth_maps
@@ -33,15 +32,16 @@ def klg_or_none(items) -> list[int | None]:
     return [it["klg"] if it["klg"] >= 0 else None for it in items]
 
 
-def evaluate_test(method: str, checkpoint: str | Path, manifest: str | Path, output_dir: str | Path,
-                  image_size: int = 256, net_kwargs: Mapping[str, Any] | None = None,
+def evaluate_test(method: str | None, checkpoint: str | Path, manifest: str | Path, output_dir: str | Path,
+                  image_size: int | None = None, net_kwargs: Mapping[str, Any] | None = None,
                   split_fractions: Mapping[str, float] | None = None, split_seed: int = 0,
                   database_split: str = "database", test_split: str = "test",
                   device: torch.device | str = "cpu", batch_size: int = 32, figure: bool = True) -> dict[str, Any]:
     """Synthesize every test knee-visit with the trained generator and write to ``output_dir``:
     ``synthesis_errors.csv`` (method x map x KLG group: n_maps, mean per-map median / MAD of |error| in mm),
-    ``metrics.json``, ``report.md`` and (``figure``) ``examples.png``."""
-    method = check_method(method)
+    ``metrics.json``, ``report.md`` and (``figure``) ``examples.png``. The generator is rebuilt from the
+    checkpoint (:func:`pipeline.baselines.synthesize.load_generator`): ``method``, ``image_size`` and
+    ``net_kwargs`` (``None`` = as the checkpoint records them) are needed only for older checkpoints."""
     t0 = time.time()
     items = manifest_items(manifest, split_fractions, split_seed)
     test, db_items = select(items, test_split), select(items, database_split)
@@ -50,6 +50,7 @@ def evaluate_test(method: str, checkpoint: str | Path, manifest: str | Path, out
                          f"{len(db_items)}; both must be non-empty")
     masks = atlas_masks(test)
     net = load_generator(method, checkpoint, image_size, **dict(net_kwargs or {}))
+    method, image_size = generator_settings(net, method, image_size)
     synth, images = predict_maps(net, test, image_size, masks, device, batch_size, keep_images=figure)
     truth = truth_maps(test, masks)
     base = mean_map(db_items, masks)

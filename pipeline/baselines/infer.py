@@ -14,8 +14,10 @@ Inputs
   manifest or the KNEEL bundle's ``landmarks.csv`` (see :func:`pipeline.knee_inference.read_landmarks`); or,
   without it, ``kneel_global_ckpt`` (+ optional ``kneel_local_ckpt``) to find the knees with the KNEEL model.
 * ``checkpoint``: the generator weights written by ``bundles/direct_synthesis/configs/train.json``
-  (``models/model.pt``, or the final training checkpoint); the network is built from ``method``,
-  ``image_size`` and ``net_kwargs`` exactly as in training (or passed ready-made as ``network``).
+  (``models/model.pt``, or the final training checkpoint); the network, its method and image size are read from
+  the checkpoint (:func:`pipeline.baselines.synthesize.load_generator`; ``method``, ``image_size`` and
+  ``net_kwargs`` are needed only for checkpoints written before generators described themselves, and must
+  agree with the checkpoint otherwise), or the network is passed ready-made as ``network``.
 * ``map_size``: the atlas grid of the training maps (rows, cols; an int for a square grid): 128 for the
   demo cohort (``python -m pipeline cohort`` default), 310 for maps from ``bundles/thickness``. The cartilage
   footprint of that grid (:func:`pipeline.thickness.grid.footprint`) is the same for every knee.
@@ -40,12 +42,17 @@ import numpy as np
 import torch
 from monai.transforms import Compose
 
-from pipeline.baselines.nets import check_method, make_generator
-from pipeline.baselines.synthesize import network_masks, outputs_to_atlas
+from pipeline.baselines.synthesize import (
+    TRAIN_COMMAND,
+    generator_settings,
+    load_generator,
+    network_masks,
+    outputs_to_atlas,
+)
 from pipeline.conventions import MAP_KEYS
+from pipeline.io.checkpoints import load_weights, unwrap
 from pipeline.knee_inference import KneeMapWriter, find_knees, run_knees
 from pipeline.mris.data import radiograph_transforms
-from pipeline.mris.engine import load_network_weights, unwrap
 from pipeline.retrieval import checkpoint_hash
 from pipeline.thickness.grid import footprint
 
@@ -73,8 +80,8 @@ def atlas_footprints(map_size: int | Sequence[int]) -> dict[str, np.ndarray]:
 
 
 def run_inference(network: torch.nn.Module | None, checkpoint: str | Path, input: str | Path,
-                  output_dir: str | Path, landmarks: str | Path | None = None, method: str = "unet",
-                  image_size: int = 256, net_kwargs: Mapping[str, Any] | None = None,
+                  output_dir: str | Path, landmarks: str | Path | None = None, method: str | None = None,
+                  image_size: int | None = None, net_kwargs: Mapping[str, Any] | None = None,
                   map_size: int | Sequence[int] = 128, device: torch.device | str = "cpu", png: bool = True,
                   progress: bool = True, kneel_global_ckpt: Any = None, kneel_local_ckpt: Any = None,
                   preprocessing: Callable[[dict], dict] | None = None, writer: Callable[..., Path] | None = None
@@ -82,19 +89,21 @@ def run_inference(network: torch.nn.Module | None, checkpoint: str | Path, input
     """Synthesize FC/TC maps for every knee of ``input`` with a trained generator; returns (and writes) the
     summary dict. See the module docstring for the inputs and outputs.
 
-    ``network``: the generator (built like ``train.json``'s ``network_def``); ``None`` builds it from
-    ``method``, ``image_size`` and ``net_kwargs`` (:func:`pipeline.baselines.nets.make_generator`).
+    ``network``: the generator (built like ``train.json``'s ``network_def``); ``None`` rebuilds it from the
+    checkpoint (:func:`pipeline.baselines.synthesize.load_generator`). ``method`` / ``image_size`` /
+    ``net_kwargs``: ``None`` = as the checkpoint records them.
     Knees come from ``landmarks`` if given, else from the KNEEL model (``kneel_global_ckpt`` [+
     ``kneel_local_ckpt``]); with neither, :class:`pipeline.knee_inference.LandmarksRequiredError` is raised.
     ``preprocessing`` / ``writer``: as in :func:`pipeline.mris.infer.run_inference` (defaults: the training
     radiograph chain, :class:`pipeline.knee_inference.KneeMapWriter`)."""
-    method = check_method(method)
     masks = atlas_footprints(map_size)
     run = find_knees(input, landmarks, kneel_global_ckpt, kneel_local_ckpt, device, progress)
-    kwargs = dict(net_kwargs or {})
+    kwargs = {k: v for k, v in dict(net_kwargs or {}).items() if v is not None}
     if network is None:
-        network = make_generator(method, image_size, **kwargs)
-    load_network_weights(network, checkpoint)
+        network = load_generator(method, checkpoint, image_size, **kwargs)
+    else:
+        load_weights(network, checkpoint, train=TRAIN_COMMAND)
+    method, image_size = generator_settings(network, method, image_size)
     model = unwrap(network).to(device).eval()
     net_mask = network_masks(masks, image_size)
 

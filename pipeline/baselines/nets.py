@@ -13,16 +13,23 @@ the atlas grid resized to ``S x S``). ``S`` must be divisible by 16.
   learned position embeddings (``torch.nn.TransformerEncoder``), and a cascaded up-sampler with skip
   connections (MONAI ``UnetUpBlock``). MONAI's ``UNETR`` / ``SwinUNETR`` would need the optional
   ``einops`` package, which is not a dependency of this project.
+
+Generators describe themselves (:mod:`pipeline.nets.describe`): their checkpoints record the method, the
+architecture settings and the radiograph preprocessing (image size, 140 mm ROI, percentile normalisation), so
+evaluation and inference rebuild them from the checkpoint (:func:`pipeline.baselines.synthesize.load_generator`).
 """
 
 from __future__ import annotations
 
 import torch
 from monai.networks.blocks import UnetOutBlock, UnetResBlock, UnetUpBlock
-from monai.networks.nets import PatchDiscriminator, UNet
+from monai.networks.nets import PatchDiscriminator
 from torch import nn
 
 from pipeline.conventions import MAP_KEYS
+from pipeline.mris.data import radiograph_preprocessing
+from pipeline.nets.describe import DescribedModule, network_factory
+from pipeline.nets.described import DescribedUNet
 
 __all__ = ["METHODS", "OUT_CHANNELS", "TransUNet2D", "check_method", "make_discriminator", "make_generator"]
 
@@ -32,6 +39,11 @@ METHODS: tuple[str, ...] = ("unet", "pix2pix", "transformer")
 OUT_CHANNELS = len(MAP_KEYS)
 #: The generators halve the image four times.
 SIZE_MULTIPLE = 16
+#: Generator settings when neither the user nor a checkpoint gives them (the paper-sized networks).
+DEFAULTS = {"method": "unet", "image_size": 256, "base_channels": 64, "hidden_size": 768, "num_layers": 12,
+            "num_heads": 12, "mlp_dim": 3072}
+#: The generator output, as checkpoints record it.
+OUTPUT = "FC, TC thickness maps: mm / 3, 0 outside the footprint, atlas grid resized to image_size"
 
 
 def check_method(method: str) -> str:
@@ -110,22 +122,41 @@ class TransUNet2D(nn.Module):
         return self.out(h)
 
 
-def make_generator(method: str, image_size: int, base_channels: int = 64, hidden_size: int = 768,
-                   num_layers: int = 12, num_heads: int = 12, mlp_dim: int = 3072) -> nn.Module:
+class _DescribedTransUNet2D(DescribedModule, TransUNet2D):
+    """:class:`TransUNet2D` that carries its description."""
+
+
+@network_factory
+def make_generator(method: str | None = "unet", image_size: int | None = None, base_channels: int | None = 64,
+                   hidden_size: int | None = 768, num_layers: int | None = 12, num_heads: int | None = 12,
+                   mlp_dim: int | None = 3072) -> nn.Module:
     """Generator of ``method``: ``B x 1 x S x S`` radiograph -> ``B x 2 x S x S`` FC/TC maps (mm / 3).
 
     ``base_channels`` = channels of the first level (U-Net levels ``c .. 16c``; TransUNet ``c .. 8c``);
-    the transformer arguments only apply to ``"transformer"``.
+    the transformer arguments only apply to ``"transformer"``. ``None`` means the default (:data:`DEFAULTS`),
+    except ``image_size`` of a U-Net, which its weights do not depend on: ``None`` leaves it to the checkpoint.
+
+    The generator describes itself: settings = ``method`` and the arguments its architecture depends on;
+    preprocessing = the radiograph chain at ``image_size`` (:func:`pipeline.mris.data.radiograph_preprocessing`).
     """
-    method = check_method(method)
-    if int(image_size) % SIZE_MULTIPLE:
+    method = check_method(DEFAULTS["method"] if method is None else method)
+    args = {"base_channels": base_channels, "hidden_size": hidden_size, "num_layers": num_layers,
+            "num_heads": num_heads, "mlp_dim": mlp_dim}
+    a = {k: int(DEFAULTS[k] if v is None else v) for k, v in args.items()}
+    if image_size is None and method == "transformer":
+        image_size = DEFAULTS["image_size"]
+    if image_size is not None and int(image_size) % SIZE_MULTIPLE:
         raise ValueError(f"image_size must be divisible by {SIZE_MULTIPLE} for the baselines, got {image_size}")
-    c = int(base_channels)
+    c = a["base_channels"]
+    prep = {**radiograph_preprocessing(image_size), "output": OUTPUT}
     if method in ("unet", "pix2pix"):
-        return UNet(spatial_dims=2, in_channels=1, out_channels=OUT_CHANNELS,
-                    channels=(c, 2 * c, 4 * c, 8 * c, 16 * c), strides=(2, 2, 2, 2), num_res_units=2,
-                    norm="instance")
-    return TransUNet2D(int(image_size), 1, OUT_CHANNELS, c, hidden_size, num_layers, num_heads, mlp_dim)
+        net = DescribedUNet(spatial_dims=2, in_channels=1, out_channels=OUT_CHANNELS,
+                             channels=(c, 2 * c, 4 * c, 8 * c, 16 * c), strides=(2, 2, 2, 2), num_res_units=2,
+                             norm="instance")
+        return net.describe(make_generator, {"method": method, "base_channels": c}, prep)
+    net = _DescribedTransUNet2D(int(image_size), 1, OUT_CHANNELS, c, a["hidden_size"], a["num_layers"],
+                                a["num_heads"], a["mlp_dim"])
+    return net.describe(make_generator, {"method": method, "image_size": int(image_size), **a}, prep)
 
 
 def make_discriminator(channels: int = 64, num_layers: int = 3) -> nn.Module:

@@ -21,12 +21,16 @@ from tqdm import tqdm
 
 from pipeline.baselines.data import synthesis_transforms
 from pipeline.baselines.engine import to_mm
-from pipeline.baselines.nets import make_generator
+from pipeline.baselines.nets import check_method, make_generator
 from pipeline.conventions import MAP_KEYS
-from pipeline.mris.engine import load_network_weights
+from pipeline.io.checkpoints import load_network, network_settings
 from transforms import nan_aware_resize
 
-__all__ = ["atlas_masks", "load_generator", "network_masks", "outputs_to_atlas", "predict_maps"]
+__all__ = ["atlas_masks", "generator_settings", "load_generator", "network_masks", "outputs_to_atlas",
+           "predict_maps"]
+
+#: The command that trains a generator checkpoint (quoted when one is missing).
+TRAIN_COMMAND = "python -m monai.bundle run training --config_file bundles/direct_synthesis/configs/train.json"
 
 logger = logging.getLogger(__name__)
 
@@ -81,11 +85,23 @@ def outputs_to_atlas(pred: torch.Tensor, masks: Mapping[str, np.ndarray], net_ma
     return out
 
 
-def load_generator(method: str, checkpoint: str | Path, image_size: int, **net_kwargs) -> torch.nn.Module:
-    """Build the generator of ``method`` (:func:`pipeline.baselines.nets.make_generator`, keyword arguments
-    as in training) and load ``checkpoint`` (``models/model.pt`` or the final checkpoint)."""
-    net = make_generator(method, image_size, **net_kwargs)
-    return load_network_weights(net, checkpoint)
+def load_generator(method: str | None, checkpoint: str | Path, image_size: int | None = None,
+                   **net_kwargs) -> torch.nn.Module:
+    """The generator of ``checkpoint`` (``models/model.pt`` or the final checkpoint) with its weights, rebuilt
+    from the checkpoint's own record (:func:`pipeline.io.checkpoints.load_network`). ``method``, ``image_size`` and
+    the keyword arguments of :func:`pipeline.baselines.nets.make_generator` (``None`` = not given) must agree with
+    that record; a checkpoint written before generators described themselves is built from them."""
+    return load_network(checkpoint, fallback=make_generator, train=TRAIN_COMMAND,
+                        method=None if method is None else check_method(method), image_size=image_size, **net_kwargs)
+
+
+def generator_settings(network: torch.nn.Module, method: str | None = None, image_size: int | None = None
+                       ) -> tuple[str, int]:
+    """``(method, image_size)`` of a generator: its own record, checked against those given (``None`` = not
+    given; needed only for generators whose checkpoint does not record them)."""
+    s = network_settings(network, required=("method", "image_size"),
+                         method=None if method is None else check_method(method), image_size=image_size)
+    return check_method(s["method"]), int(s["image_size"])
 
 
 def predict_maps(network: torch.nn.Module, items: Sequence[dict], image_size: int,

@@ -11,9 +11,10 @@ Architecture (Tiulpin et al. 2019, after Newell et al. 2016), for an input ``(B,
   ``(x, y)`` in ``[0, 1]`` (pixel-centre convention; ``x`` = column, ``y`` = row).
 
 ``width=64`` gives about 4 M parameters (the paper's size); tests use ``width=4`` and the CPU demo 12.
-The network carries its own description (stage, canvas size and spacing, architecture) in its
-``state_dict`` (``_extra_state``), so :func:`pipeline.landmarks.engine.load_landmark_model` rebuilds it
-from a checkpoint file alone.
+The network carries its own description (architecture, stage, canvas size and spacing, canvas normalisation) in
+its ``state_dict`` (``_extra_state``, :mod:`pipeline.nets.describe`), so
+:func:`pipeline.landmarks.engine.load_landmark_model` rebuilds it from a checkpoint file alone. Checkpoints
+written with the earlier ``kneel-hourglass-v1`` description still load (:func:`upgrade_description`).
 """
 
 from __future__ import annotations
@@ -27,10 +28,14 @@ from torch import nn
 
 from pipeline.landmarks.geometry import StageSpec
 from pipeline.landmarks.soft_argmax import soft_argmax_2d
+from pipeline.nets.describe import DescribedModule, make_description, network_factory
 
-__all__ = ["ResidualBlock", "Hourglass", "KneelHourglass", "count_parameters"]
+__all__ = ["ResidualBlock", "Hourglass", "KneelHourglass", "count_parameters", "upgrade_description"]
 
-FORMAT = "kneel-hourglass-v1"
+#: The description format of checkpoints written before the common shape of :mod:`pipeline.nets.describe`.
+LEGACY_FORMAT = "kneel-hourglass-v1"
+#: Canvas intensities the network expects (:func:`pipeline.landmarks.data.normalise_canvas`).
+CANVAS_NORMALISATION = "percentile: min -> 0, 99th percentile -> 0.99, clipped to [0, 1]; no image -> 0"
 
 
 class ResidualBlock(nn.Module):
@@ -73,7 +78,8 @@ class Hourglass(nn.Module):
         return up1 + up2
 
 
-class KneelHourglass(nn.Module):
+@network_factory
+class KneelHourglass(DescribedModule, nn.Module):
     """Hourglass landmark regressor (module docstring).
 
     Args:
@@ -115,6 +121,7 @@ class KneelHourglass(nn.Module):
         )
         self.head = nn.Conv2d(4 * w, n_points, 1)
         self.beta = float(beta)
+        self.describe(KneelHourglass, {**self.arch, **self.spec.to_dict()}, _preprocessing(self.spec))
 
     def heatmap_logits(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, n_points, ceil(S/4), ceil(S/4))`` heat-map logits."""
@@ -127,29 +134,17 @@ class KneelHourglass(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_heatmaps(x)[0]
 
-    # --- self-description stored in the state dict
-    def description(self) -> dict[str, Any]:
-        return {"format": FORMAT, "arch": dict(self.arch), "spec": self.spec.to_dict()}
+def _preprocessing(spec: StageSpec) -> dict[str, Any]:
+    return {"stage": spec.stage, "canvas_size": spec.canvas_size, "canvas_spacing_mm": spec.canvas_spacing_mm,
+            "normalisation": CANVAS_NORMALISATION}
 
-    def get_extra_state(self) -> dict[str, Any]:
-        return self.description()
 
-    def set_extra_state(self, state: Any) -> None:
-        if not isinstance(state, Mapping) or state.get("format") != FORMAT:
-            raise ValueError(f"not a {FORMAT} checkpoint (extra state {str(state)[:120]!r})")
-        if dict(state["arch"]) != self.arch or StageSpec.from_dict(state["spec"]) != self.spec:
-            raise ValueError(
-                f"checkpoint network {dict(state['arch'])} / {dict(state['spec'])} differs from this network "
-                f"{self.arch} / {self.spec.to_dict()}; build it with pipeline.landmarks.engine.load_landmark_model"
-            )
-
-    @classmethod
-    def from_description(cls, desc: Mapping[str, Any]) -> KneelHourglass:
-        if desc.get("format") != FORMAT:
-            raise ValueError(f"not a {FORMAT} description: {str(desc)[:120]!r}")
-        spec = StageSpec.from_dict(desc["spec"])
-        return cls(**dict(desc["arch"]), stage=spec.stage, canvas_size=spec.canvas_size,
-                   canvas_spacing_mm=spec.canvas_spacing_mm)
+def upgrade_description(old: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``kneel-hourglass-v1`` description (``{"format", "arch", "spec"}``) -> the common shape."""
+    if old.get("format") != LEGACY_FORMAT:
+        raise ValueError(f"not a {LEGACY_FORMAT} description: {str(old)[:120]!r}")
+    spec = StageSpec.from_dict(old["spec"])
+    return make_description(KneelHourglass, {**dict(old["arch"]), **spec.to_dict()}, _preprocessing(spec))
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -175,6 +175,16 @@ def radiograph_transforms(image_size: int = 256, roi_mm: float = ROI_MM, clip: b
     ]
 
 
+def radiograph_preprocessing(image_size: int | None, roi_mm: float = ROI_MM) -> dict[str, Any]:
+    """What :func:`radiograph_transforms` feeds a network, as its checkpoint records it
+    (:mod:`pipeline.nets.describe`): ``image_size`` (``None``: not known yet), ROI side and pixel spacing in mm,
+    normalisation and orientation."""
+    size = None if image_size is None else int(image_size)
+    return {"image_size": size, "roi_mm": float(roi_mm), "spacing_mm": None if size is None else float(roi_mm) / size,
+            "normalisation": "percentile: min -> 0, 99th percentile -> 0.99, clipped to [0, 1]",
+            "orientation": "left knee (right knees mirrored)"}
+
+
 def map_transforms(variant: str = "combined", image_size: int = 256) -> list:
     """Deterministic thickness-map chain: ``.npy`` (mm, NaN outside) -> NaN-aware resize -> NaN -> 0 ->
     / 3 mm -> MRIS-C: stacked ``maps`` (1 x 2S x S) | MRIS-S: ``fc``, ``tc`` (1 x S x S)."""

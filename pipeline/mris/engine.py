@@ -2,7 +2,9 @@
 
 Used by ``bundles/mris/configs/train.json``:
 
-* :func:`make_network` -> :class:`pipeline.nets.DualEncoder` (MRIS-C) or :class:`pipeline.nets.MRISSeparate`.
+* :func:`make_network` -> :class:`pipeline.nets.DualEncoder` (MRIS-C) or :class:`pipeline.nets.MRISSeparate`,
+  self-describing; :func:`load_mris_network` rebuilds one from its checkpoint, :func:`run_settings` reads the
+  variant and image size a network was trained with.
 * :class:`MRISTrainStep` -> ``SupervisedTrainer(iteration_update=...)``: both encoders' embeddings, the
   longitudinal triplet loss with same-subject pairs masked, gradient-norm clipping per encoder.
 * :class:`MRISEvalStep` -> ``SupervisedEvaluator(iteration_update=...)``: embeddings of radiographs and maps.
@@ -27,54 +29,70 @@ from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.utils import CommonKeys
 
 from pipeline.conventions import MAP_KEYS
+from pipeline.io.checkpoints import load_network, network_settings, unwrap
 from pipeline.metrics import recall_at_k
-from pipeline.mris.data import check_variant, network_keys
+from pipeline.mris.data import check_variant, network_keys, radiograph_preprocessing
 from pipeline.nets import DualEncoder, MRISSeparate, RadiographDualEncoder, RadiographMRISSeparate
-from pipeline.nets.pretrained import WeightsMismatchError
-from pipeline.user_errors import require_checkpoint
+from pipeline.nets.describe import network_factory
 
 Embeddings = torch.Tensor | dict[str, torch.Tensor]
 
 
-def make_network(variant: str = "combined", widen_factor: float = 1.0, stem_stride: int = 2,
-                 radiograph_only: bool = False) -> torch.nn.Module:
+#: Settings of an MRIS network when neither the user nor a checkpoint gives them (the paper's).
+DEFAULTS = {"variant": "combined", "widen_factor": 1.0, "stem_stride": 2}
+#: The command that trains an MRIS checkpoint (quoted when one is missing).
+TRAIN_COMMAND = "python -m monai.bundle run training --config_file bundles/mris/configs/train.json"
+#: The map encoder's input, as the checkpoint records it.
+MAP_INPUT = "thickness maps: mm / 3, NaN -> 0, resized to image_size (MRIS-C: FC above TC, 2 image_size x image_size)"
+
+
+@network_factory
+def make_network(variant: str | None = "combined", widen_factor: float | None = 1.0, stem_stride: int | None = 2,
+                 radiograph_only: bool = False, image_size: int | None = None) -> torch.nn.Module:
     """MRIS-C (``"combined"``): one :class:`DualEncoder` on stacked FC/TC maps; MRIS-S (``"separate"``):
-    :class:`MRISSeparate` with one pair per map. ``widen_factor`` < 1 only for tests and demos.
+    :class:`MRISSeparate` with one pair per map. ``widen_factor`` < 1 only for tests and demos; ``None`` for any
+    setting means the default (:data:`DEFAULTS`).
+
+    The network describes itself (:mod:`pipeline.nets.describe`): ``variant``, ``widen_factor``, ``stem_stride``
+    as settings, and as preprocessing the radiograph chain at ``image_size``
+    (:func:`pipeline.mris.data.radiograph_preprocessing`: 140 mm ROI, percentile normalisation; ``None`` = taken
+    from the checkpoint loaded into it). Its checkpoints therefore rebuild it (:func:`load_mris_network`).
 
     ``radiograph_only=True`` (inference, ``verify_net_in_out``, ``ckpt_export``): the same model with the
-    same state-dict keys (training checkpoints load strictly; ``embed_xray`` / ``embed_map`` unchanged) but
-    ``forward(x)`` = the radiograph embedding only: ``B x D`` for MRIS-C
+    same state-dict keys and description (training checkpoints load strictly; ``embed_xray`` / ``embed_map``
+    unchanged) but ``forward(x)`` = the radiograph embedding only: ``B x D`` for MRIS-C
     (:class:`~pipeline.nets.RadiographDualEncoder`), the FC and TC radiograph embeddings concatenated,
     ``B x 2D``, for MRIS-S (:class:`~pipeline.nets.RadiographMRISSeparate`)."""
-    kw = {"widen_factor": float(widen_factor), "stem_stride": int(stem_stride)}
-    if check_variant(variant) == "combined":
-        return RadiographDualEncoder(**kw) if radiograph_only else DualEncoder(**kw)
-    return RadiographMRISSeparate(MAP_KEYS, **kw) if radiograph_only else MRISSeparate(MAP_KEYS, **kw)
+    given = {"variant": variant, "widen_factor": widen_factor, "stem_stride": stem_stride}
+    s = {k: DEFAULTS[k] if v is None else v for k, v in given.items()}
+    settings = {"variant": check_variant(s["variant"]), "widen_factor": float(s["widen_factor"]),
+                "stem_stride": int(s["stem_stride"])}
+    kw = {"widen_factor": settings["widen_factor"], "stem_stride": settings["stem_stride"]}
+    if settings["variant"] == "combined":
+        net = RadiographDualEncoder(**kw) if radiograph_only else DualEncoder(**kw)
+    else:
+        net = RadiographMRISSeparate(MAP_KEYS, **kw) if radiograph_only else MRISSeparate(MAP_KEYS, **kw)
+    return net.describe(make_network, settings, {**radiograph_preprocessing(image_size), "maps": MAP_INPUT})
 
 
-def unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    """The model inside ``DataParallel`` / ``DistributedDataParallel`` (or ``network`` itself)."""
-    return network.module if hasattr(network, "module") else network
+def load_mris_network(checkpoint: str | Path, radiograph_only: bool = False, variant: str | None = None,
+                      image_size: int | None = None, widen_factor: float | None = None,
+                      stem_stride: int | None = None) -> torch.nn.Module:
+    """The MRIS network of ``checkpoint`` with its weights: built from the checkpoint's own record; settings given
+    here (``None`` = not given) must agree with it. A checkpoint written before networks described themselves is
+    loaded into :func:`make_network` built from the given settings (defaults for the others)."""
+    return load_network(checkpoint, fallback=make_network, train=TRAIN_COMMAND, radiograph_only=radiograph_only,
+                        variant=None if variant is None else check_variant(variant), image_size=image_size,
+                        widen_factor=widen_factor, stem_stride=stem_stride)
 
 
-def load_network_weights(network: torch.nn.Module, path: str | Path, strict: bool = True) -> torch.nn.Module:
-    """Load a training checkpoint into ``network``: a bare state dict (``model.pt``) or a dict holding it
-    under ``"model"`` / ``"network"`` / ``"state_dict"`` (``model_final.pt``); ``module.`` prefixes stripped."""
-    require_checkpoint(path, "python -m monai.bundle run training --config_file bundles/mris/configs/train.json")
-    obj = torch.load(Path(path), map_location="cpu", weights_only=True)
-    for key in ("model", "network", "state_dict"):
-        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
-            obj = obj[key]
-            break
-    state = {(k[7:] if k.startswith("module.") else k): v for k, v in obj.items()}
-    try:
-        unwrap(network).load_state_dict(state, strict=strict)
-    except RuntimeError as e:
-        raise WeightsMismatchError(
-            f"checkpoint {path} does not fit the configured network (check variant / widen_factor / "
-            f"stem_stride against the training config): {str(e)[:400]}"
-        ) from None
-    return network
+def run_settings(network: torch.nn.Module, variant: str | None = None, image_size: int | None = None
+                 ) -> tuple[str, int]:
+    """``(variant, image_size)`` to run ``network`` with: its own record, checked against those given
+    (``None`` = not given; needed only for networks whose checkpoint does not record them)."""
+    s = network_settings(network, required=("variant", "image_size"),
+                         variant=None if variant is None else check_variant(variant), image_size=image_size)
+    return check_variant(s["variant"]), int(s["image_size"])
 
 
 def _maps_from_batch(batch: Mapping[str, Any], variant: str, device: torch.device | str | None):

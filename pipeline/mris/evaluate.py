@@ -23,6 +23,7 @@ from monai.data import DataLoader, Dataset
 from monai.transforms import Compose
 
 from pipeline.conventions import KLG_BUCKETS, MAP_KEYS, klg_bucket
+from pipeline.io.checkpoints import load_weights, unwrap
 from pipeline.metrics import recall_at_k, synthesis_error_report
 from pipeline.mris.data import (
     check_variant,
@@ -31,7 +32,7 @@ from pipeline.mris.data import (
     mris_transforms,
     select,
 )
-from pipeline.mris.engine import load_network_weights, similarity_matrix, unwrap
+from pipeline.mris.engine import TRAIN_COMMAND, run_settings, similarity_matrix
 from pipeline.retrieval import EmbeddingDatabase, build_database, checkpoint_hash
 
 logger = logging.getLogger(__name__)
@@ -100,22 +101,25 @@ def database_rows(items: Sequence[dict]) -> Iterator[tuple[dict, np.ndarray, np.
 
 # --------------------------------------------------------------------------------------------- database
 def build_mris_database(network: torch.nn.Module, checkpoint: str | Path, manifest: str | Path,
-                        database_dir: str | Path, variant: str = "combined", image_size: int = 256,
+                        database_dir: str | Path, variant: str | None = None, image_size: int | None = None,
                         split_fractions: Mapping[str, float] | None = None, split_seed: int = 0,
                         database_split: str = "database", device: torch.device | str = "cpu",
                         batch_size: int = 64, overwrite: bool = True, progress: bool = True) -> EmbeddingDatabase:
     """Load ``checkpoint`` into ``network`` and embed every visit of the ``database_split`` subjects.
 
-    The database is stamped with :func:`pipeline.retrieval.checkpoint_hash` of the checkpoint FILE, so a
-    later query with another checkpoint fails (:class:`pipeline.retrieval.CheckpointMismatchError`).
+    The database is stamped with :func:`pipeline.retrieval.checkpoint_hash` of the checkpoint FILE and records
+    the variant and image size, so a later query with another checkpoint or image size fails
+    (:class:`pipeline.retrieval.CheckpointMismatchError`). ``variant`` / ``image_size``: ``None`` = as the
+    checkpoint records them (:func:`pipeline.mris.engine.run_settings`).
     """
-    load_network_weights(network, checkpoint)
+    load_weights(network, checkpoint, train=TRAIN_COMMAND)
+    variant, image_size = run_settings(network, variant, image_size)
     network.to(device)
     items = select(manifest_items(manifest, split_fractions, split_seed), database_split)
     if not items:
         raise ValueError(f"no items in split {database_split!r} of {manifest}")
     info = {"manifest": str(manifest), "split": database_split, "split_seed": split_seed,
-            "variant": check_variant(variant), "image_size": int(image_size), "checkpoint": str(checkpoint)}
+            "variant": variant, "image_size": image_size, "checkpoint": str(checkpoint)}
     return build_database(database_dir, database_rows(items), make_map_embed_fn(network, variant, image_size, device),
                           checkpoint_hash(checkpoint), batch_size=batch_size, overwrite=overwrite,
                           progress=progress, total=len(items), info=info)
@@ -147,8 +151,8 @@ def truth_stack(items: Sequence[dict], masks: Mapping[str, np.ndarray]) -> dict[
 
 
 def evaluate_test(network: torch.nn.Module, checkpoint: str | Path, manifest: str | Path,
-                  database_dir: str | Path, output_dir: str | Path, variant: str = "combined",
-                  image_size: int = 256, split_fractions: Mapping[str, float] | None = None, split_seed: int = 0,
+                  database_dir: str | Path, output_dir: str | Path, variant: str | None = None,
+                  image_size: int | None = None, split_fractions: Mapping[str, float] | None = None, split_seed: int = 0,
                   test_split: str = "test", k: int = 20, device: torch.device | str = "cpu",
                   batch_size: int = 32, figure: bool = True) -> dict[str, Any]:
     """Test-set retrieval recall, k-NN synthesis error and the mean-map baseline; writes to ``output_dir``:
@@ -160,13 +164,15 @@ def evaluate_test(network: torch.nn.Module, checkpoint: str | Path, manifest: st
 
     Retrieval: queries = the FIRST visit of each test knee; gallery = those knees' maps (N items), so
     chance R@k = min(k, N) / N. Synthesis: every test visit, ``k`` nearest database maps (``k`` is capped at
-    the database size), weights = similarity / sum.
+    the database size), weights = similarity / sum. ``variant`` / ``image_size``: ``None`` = as the checkpoint
+    records them; the database must have been built with the same checkpoint, variant and image size.
     """
-    variant = check_variant(variant)
     t0 = time.time()
-    load_network_weights(network, checkpoint)
+    load_weights(network, checkpoint, train=TRAIN_COMMAND)
+    variant, image_size = run_settings(network, variant, image_size)
     network.to(device)
-    db = EmbeddingDatabase.load(database_dir, expected_checkpoint_hash=checkpoint_hash(checkpoint))
+    db = EmbeddingDatabase.load(database_dir, expected_checkpoint_hash=checkpoint_hash(checkpoint),
+                                expected_info={"variant": variant, "image_size": image_size})
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     items = select(manifest_items(manifest, split_fractions, split_seed), test_split)
@@ -216,7 +222,8 @@ def evaluate_test(network: torch.nn.Module, checkpoint: str | Path, manifest: st
                      "top1_similarity": float(neighbours.similarities[i, 0])})
     pd.DataFrame(rows).to_csv(out_dir / "test_synthesis.csv", index=False)
 
-    metrics = {"variant": variant, "checkpoint": str(checkpoint), "checkpoint_hash": db.checkpoint_hash,
+    metrics = {"variant": variant, "image_size": image_size, "checkpoint": str(checkpoint),
+               "checkpoint_hash": db.checkpoint_hash,
                "database": str(database_dir), "database_size": len(db), "k": k_used,
                "n_test_subjects": len({it["subject_id"] for it in items}), "n_test_visits": len(items),
                "retrieval": retrieval, "synthesis_errors": table.to_dict(orient="records"),

@@ -12,8 +12,10 @@ Inputs
   landmark model (:func:`pipeline.landmarks.infer.predict_knees`; the local checkpoint is optional); its
   per-knee status / confidence / flags are copied into the summary. With neither landmarks nor a global
   checkpoint :class:`LandmarksRequiredError` is raised.
-* ``database_dir``: an embedding database built by ``evaluate.json`` with the SAME checkpoint
-  (its hash is checked; another checkpoint raises ``CheckpointMismatchError``).
+* ``checkpoint``: the MRIS model; its variant and image size are read from it (they may be given only for
+  checkpoints written before checkpoints recorded them, and must agree otherwise).
+* ``database_dir``: an embedding database built by ``evaluate.json`` with the SAME checkpoint and image size
+  (both are checked; a mismatch raises ``CheckpointMismatchError`` with a one-line message).
 
 Outputs (``output_dir``)
 ------------------------
@@ -37,6 +39,7 @@ import torch
 from monai.transforms import Compose
 
 from pipeline.conventions import MAP_KEYS
+from pipeline.io.checkpoints import load_weights, unwrap
 from pipeline.knee_inference import (  # noqa: F401  (re-exported: the names MRIS users import from here)
     KneeMapWriter,
     LandmarksRequiredError,
@@ -46,8 +49,8 @@ from pipeline.knee_inference import (  # noqa: F401  (re-exported: the names MRI
     run_knees,
     save_map_png,
 )
-from pipeline.mris.data import check_variant, radiograph_transforms
-from pipeline.mris.engine import load_network_weights, unwrap
+from pipeline.mris.data import radiograph_transforms
+from pipeline.mris.engine import TRAIN_COMMAND, run_settings
 from pipeline.retrieval import EmbeddingDatabase, checkpoint_hash
 
 logger = logging.getLogger(__name__)
@@ -55,7 +58,7 @@ logger = logging.getLogger(__name__)
 
 def run_inference(network: torch.nn.Module, checkpoint: str | Path, input: str | Path,
                   database_dir: str | Path, output_dir: str | Path, landmarks: str | Path | None = None,
-                  variant: str = "combined", image_size: int = 256, k: int = 20,
+                  variant: str | None = None, image_size: int | None = None, k: int = 20,
                   device: torch.device | str = "cpu", png: bool = True, progress: bool = True,
                   kneel_global_ckpt: Any = None, kneel_local_ckpt: Any = None,
                   preprocessing: Callable[[dict], dict] | None = None,
@@ -66,12 +69,14 @@ def run_inference(network: torch.nn.Module, checkpoint: str | Path, input: str |
     ``kneel_local_ckpt``]); with neither, :class:`LandmarksRequiredError` is raised. ``preprocessing``: the
     radiograph chain applied to ``{"image": path, "centre": (x, y), "side": "R"|"L"}`` (default
     :func:`pipeline.mris.data.radiograph_transforms` at ``image_size``, as in training); ``writer``: writes
-    one knee (default :class:`KneeMapWriter` with ``png``)."""
-    variant = check_variant(variant)
+    one knee (default :class:`KneeMapWriter` with ``png``). ``variant`` / ``image_size``: ``None`` = as the
+    checkpoint records them (:func:`pipeline.mris.engine.run_settings`)."""
     run = find_knees(input, landmarks, kneel_global_ckpt, kneel_local_ckpt, device, progress)
-    load_network_weights(network, checkpoint)
+    load_weights(network, checkpoint, train=TRAIN_COMMAND)
+    variant, image_size = run_settings(network, variant, image_size)
     model = unwrap(network).to(device).eval()
-    db = EmbeddingDatabase.load(database_dir, expected_checkpoint_hash=checkpoint_hash(checkpoint))
+    db = EmbeddingDatabase.load(database_dir, expected_checkpoint_hash=checkpoint_hash(checkpoint),
+                                expected_info={"variant": variant, "image_size": image_size})
     k_used = min(int(k), len(db))
     spaces = MAP_KEYS if variant == "separate" else MAP_KEYS[:1]
 
@@ -100,7 +105,8 @@ def run_inference(network: torch.nn.Module, checkpoint: str | Path, input: str |
     summary = {
         "convention": "maps are in the LEFT-knee atlas convention (right knees mirrored), mm, NaN outside the "
                       "cartilage footprint",
-        "variant": variant, "checkpoint": str(checkpoint), "checkpoint_hash": db.checkpoint_hash,
+        "variant": variant, "image_size": image_size, "checkpoint": str(checkpoint),
+        "checkpoint_hash": db.checkpoint_hash,
         "database": str(database_dir), "database_size": len(db), "k": k_used,
     }
     chain = preprocessing if preprocessing is not None else Compose(radiograph_transforms(image_size))

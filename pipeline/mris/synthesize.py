@@ -23,7 +23,7 @@ import torch
 
 from pipeline.conventions import MAP_KEYS
 from pipeline.mris.data import check_variant
-from pipeline.mris.engine import load_network_weights, make_network
+from pipeline.mris.engine import load_mris_network, run_settings
 from pipeline.mris.evaluate import (
     build_mris_database,
     embed_radiographs,
@@ -65,8 +65,9 @@ class MRISSynthesizer:
         checkpoint: ``models/model.pt`` of an MRIS bundle root.
         manifest: the knee-visit manifest (the database split is taken from it).
         database_dir: where the embedding database is (re)built.
-        variant: ``"combined"`` (MRIS-C) or ``"separate"`` (MRIS-S).
-        image_size, widen_factor, stem_stride: as in the MRIS training config.
+        variant: ``"combined"`` (MRIS-C) or ``"separate"`` (MRIS-S); ``None``: as the checkpoint records it.
+        image_size, widen_factor, stem_stride: as in the MRIS training config; ``None``: as the checkpoint records
+            them (given values must agree with the checkpoint's record).
         split_fractions, split_seed, database_split: the MRIS split (database = the synthesis database).
         k: neighbours (capped at the database size).
     """
@@ -74,10 +75,10 @@ class MRISSynthesizer:
     checkpoint: str | Path
     manifest: str | Path
     database_dir: str | Path
-    variant: str = "combined"
-    image_size: int = 256
-    widen_factor: float = 1.0
-    stem_stride: int = 2
+    variant: str | None = None
+    image_size: int | None = None
+    widen_factor: float | None = None
+    stem_stride: int | None = None
     split_fractions: Mapping[str, float] | None = None
     split_seed: int = 0
     database_split: str = "database"
@@ -88,14 +89,15 @@ class MRISSynthesizer:
     db: EmbeddingDatabase | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        self.variant = check_variant(self.variant)
+        self.variant = None if self.variant is None else check_variant(self.variant)
         if not Path(self.checkpoint).is_file():
             raise FileNotFoundError(f"MRIS checkpoint not found: {self.checkpoint}")
 
     def build(self, progress: bool = True) -> MRISSynthesizer:
         """Load the checkpoint and (re)build the embedding database of the database split."""
-        net = make_network(self.variant, self.widen_factor, self.stem_stride)
-        load_network_weights(net, self.checkpoint)
+        net = load_mris_network(self.checkpoint, variant=self.variant, image_size=self.image_size,
+                                widen_factor=self.widen_factor, stem_stride=self.stem_stride)
+        self.variant, self.image_size = run_settings(net, self.variant, self.image_size)
         self.network = net.to(self.device).eval()
         self.db = build_mris_database(self.network, self.checkpoint, self.manifest, self.database_dir,
                                       variant=self.variant, image_size=self.image_size,

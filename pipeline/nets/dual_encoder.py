@@ -7,7 +7,12 @@ max-pooling), no classification head, global average pooling and L2 normalisatio
     output B x D          (D = 512 at full width; unit vectors)
 
 MRIS-C uses one :class:`DualEncoder` (thickness input = FC and TC stacked vertically into one image);
-MRIS-S uses :class:`MRISSeparate`, one :class:`DualEncoder` per map key (``"fc"``, ``"tc"``).
+MRIS-S uses :class:`MRISSeparate`, one :class:`EncoderPair` per map key (``"fc"``, ``"tc"``).
+
+:class:`DualEncoder` and :class:`MRISSeparate` are self-describing (:class:`pipeline.nets.describe.DescribedModule`):
+built by :func:`pipeline.mris.engine.make_network`, they carry the factory settings and the preprocessing they
+expect in their state dict (``_extra_state``), so a checkpoint rebuilds its network
+(:func:`pipeline.io.checkpoints.load_network`). :class:`EncoderPair` is the plain pair inside both.
 
 For inference, export and MONAI's bundle checks (``verify_net_in_out``, ``ckpt_export``), which call a
 network with ONE image, :class:`RadiographDualEncoder` / :class:`RadiographMRISSeparate` are the same
@@ -25,9 +30,11 @@ from monai.networks.nets import resnet18
 from torch import nn
 
 from pipeline.conventions import MAP_KEYS
+from pipeline.nets.describe import DescribedModule
 
 __all__ = [
     "ImageEncoder",
+    "EncoderPair",
     "DualEncoder",
     "MRISSeparate",
     "RadiographDualEncoder",
@@ -93,7 +100,7 @@ class ImageEncoder(nn.Module):
         return F.normalize(feats, dim=1) if self.normalize else feats
 
 
-class DualEncoder(nn.Module):
+class EncoderPair(nn.Module):
     """Two independent encoders: ``xray`` (radiograph, ``f``) and ``map`` (thickness map, ``g``).
 
     ``forward(xray, maps)`` returns ``(f(xray), g(maps))``, each ``B x out_dim`` and unit-norm.
@@ -129,8 +136,12 @@ class DualEncoder(nn.Module):
         ]
 
 
-class MRISSeparate(nn.Module):
-    """MRIS-S: one independent :class:`DualEncoder` per thickness map (default ``("fc", "tc")``).
+class DualEncoder(DescribedModule, EncoderPair):
+    """MRIS-C network: an :class:`EncoderPair` that carries its description in its state dict (module docstring)."""
+
+
+class MRISSeparate(DescribedModule, nn.Module):
+    """MRIS-S: one independent :class:`EncoderPair` per thickness map (default ``("fc", "tc")``).
 
     Sub-models are reachable as ``model["fc"]`` / ``model["tc"]``. ``forward(xray, maps)`` takes the same
     radiograph batch for every key and a mapping ``{key: B x 1 x H x W}`` of thickness maps, and returns
@@ -142,10 +153,10 @@ class MRISSeparate(nn.Module):
         if len(maps) == 0 or len(set(maps)) != len(maps):
             raise ValueError(f"maps must be non-empty unique keys, got {maps!r}")
         self.keys = tuple(maps)
-        self.pairs = nn.ModuleDict({k: DualEncoder(**dual_kwargs) for k in self.keys})
+        self.pairs = nn.ModuleDict({k: EncoderPair(**dual_kwargs) for k in self.keys})
         self.out_dim = self.pairs[self.keys[0]].out_dim
 
-    def __getitem__(self, key: str) -> DualEncoder:
+    def __getitem__(self, key: str) -> EncoderPair:
         return self.pairs[key]  # type: ignore[return-value]
 
     def embed_xray(self, x: torch.Tensor, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
@@ -172,7 +183,7 @@ class MRISSeparate(nn.Module):
         return {f"{k}.{n}": m for k in self.keys for n, m in self.pairs[k].encoders().items()}
 
     def parameter_groups(self, lr_xray: float = 1e-4, lr_map: float = 1e-5, **group_kwargs) -> list[dict]:
-        """Concatenated :meth:`DualEncoder.parameter_groups` of every key."""
+        """Concatenated :meth:`EncoderPair.parameter_groups` of every key."""
         groups: list[dict] = []
         for k in self.keys:
             groups += self.pairs[k].parameter_groups(lr_xray=lr_xray, lr_map=lr_map, **group_kwargs)

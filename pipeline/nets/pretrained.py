@@ -1,51 +1,28 @@
 """Loading encoder weights from a LOCAL checkpoint file (no downloads).
 
-Accepted files (``torch.load`` with ``weights_only=True``):
+Accepted files: whatever :func:`pipeline.io.checkpoints.read_state_dict` reads (a plain ``state_dict``, e.g.
+torchvision's ``resnet18-*.pth`` with keys ``conv1.weight``, ``layer1.0...``, or a training checkpoint holding it
+under ``"model"`` / ``"network"`` / ``"state_dict"``; read with ``weights_only=True``; ``"module."`` prefixes of
+DataParallel / DDP stripped).
 
-* a plain ``state_dict`` (e.g. torchvision's ``resnet18-*.pth``, keys ``conv1.weight``, ``layer1.0...``);
-* a dict holding the state dict under ``"state_dict"`` or ``"model"`` (training checkpoints).
-
-A ``"module."`` prefix (DataParallel / DDP) is stripped, ``fc.*`` keys are ignored, and a 3-channel first
-convolution is mapped to a 1-channel encoder by summing over the input channels (the response to a gray
-image repeated 3 times is preserved exactly).
+``fc.*`` keys and non-tensor entries (a network description) are ignored, and a 3-channel first convolution is
+mapped to a 1-channel encoder by summing over the input channels (the response to a gray image repeated 3 times
+is preserved exactly).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from pipeline.user_errors import UserInputError
+from pipeline.io.checkpoints import DDP_PREFIX, read_state_dict
+from pipeline.user_errors import WeightsMismatchError
 
 __all__ = ["WeightsMismatchError", "load_encoder_weights", "read_state_dict"]
 
 _FIRST_CONV = "conv1.weight"
-
-
-class WeightsMismatchError(UserInputError):
-    """A checkpoint file does not fit the encoder (missing / unexpected keys or shape mismatches)."""
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``path`` (plain, or under a ``"state_dict"`` / ``"model"`` key)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    obj: Any = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(obj, Mapping):
-        for key in ("state_dict", "model"):
-            if key in obj and isinstance(obj[key], Mapping):
-                obj = obj[key]
-                break
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsMismatchError(
-            f"{path}: expected a state dict of tensors (or a dict with a 'state_dict'/'model' entry), "
-            f"got {type(obj).__name__}"
-        )
-    return {str(k): v for k, v in obj.items()}
 
 
 def _target_module(encoder: nn.Module) -> nn.Module:
@@ -67,24 +44,25 @@ def load_encoder_weights(
         strict: if True, any missing or unexpected key (after the mapping below) is an error. If False,
             they are reported in the return value, but at least one tensor must load.
         prefix: only keys starting with ``prefix`` are used, with the prefix removed (e.g.
-            ``"xray.net."`` to take the radiograph trunk out of a saved :class:`DualEncoder`).
+            ``"xray.net."`` to take the radiograph trunk out of a saved :class:`DualEncoder`; a leading
+            ``"module."`` is dropped, as it is from the keys).
 
-    Mapping: a leading ``"module."`` is removed; ``fc.*`` keys are ignored; a 3-channel ``conv1.weight``
-    is summed over its input channels when the encoder has 1 input channel.
+    Mapping: a leading ``"module."`` is removed; ``fc.*`` keys and non-tensor entries are ignored; a 3-channel
+    ``conv1.weight`` is summed over its input channels when the encoder has 1 input channel.
 
     Returns:
         ``{"missing": [...], "unexpected": [...], "converted": [...]}`` (keys).
 
     Raises:
-        FileNotFoundError: no such file.
+        FileNotFoundError: no such file (:class:`pipeline.user_errors.CheckpointNotFoundError`; the other
+            :class:`~pipeline.user_errors.CheckpointError` subclasses for unreadable files).
         WeightsMismatchError: shape mismatches (always), missing/unexpected keys (``strict``), or no
             matching key at all; the message names the file and the offending keys and shapes.
     """
     path = os.fspath(path)
     src = read_state_dict(path)
-    if prefix:
-        src = {k[len(prefix) :]: v for k, v in src.items() if k.startswith(prefix)}
-    src = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in src.items()}
+    prefix = prefix[len(DDP_PREFIX):] if prefix.startswith(DDP_PREFIX) else prefix
+    src = {k[len(prefix):]: v for k, v in src.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}
     src = {k: v for k, v in src.items() if not (k == "fc" or k.startswith("fc."))}
 
     target = _target_module(encoder)

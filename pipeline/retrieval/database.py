@@ -15,8 +15,8 @@ Layout (``FORMAT_VERSION`` 1)::
 
 Arrays are opened memory-mapped. The folder is written atomically: everything goes to a temporary sibling
 folder that is renamed into place at the end, so a crash never leaves a half-written database.
-``EmbeddingDatabase.load(folder, expected_checkpoint_hash=...)`` refuses a database built by another
-checkpoint. float16 storage rounds a thickness to a relative 2**-11 (<= 0.002 mm below 4 mm).
+``EmbeddingDatabase.load(folder, expected_checkpoint_hash=..., expected_info=...)`` refuses a database built by
+another checkpoint, or with other creation info (e.g. the MRIS image size and variant). float16 storage rounds a thickness to a relative 2**-11 (<= 0.002 mm below 4 mm).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class DatabaseFormatError(UserInputError):
 
 
 class CheckpointMismatchError(UserInputError):
-    """A database was built with another model checkpoint than the one it is used with."""
+    """A database was built with another model checkpoint (or image size, variant) than the one it is used with."""
 
 
 # --------------------------------------------------------------------------------------------- hashing
@@ -155,14 +155,19 @@ class EmbeddingDatabase:
     # ---------------------------------------------------------------- loading
     @classmethod
     def load(
-        cls, folder: str | os.PathLike, expected_checkpoint_hash: str | None = None, mmap: bool = True
+        cls, folder: str | os.PathLike, expected_checkpoint_hash: str | None = None, mmap: bool = True,
+        expected_info: Mapping[str, Any] | None = None,
     ) -> EmbeddingDatabase:
         """Open a database folder (arrays memory-mapped unless ``mmap=False``).
+
+        ``expected_info``: values the creation info (``info`` of :func:`build_database`) must hold, e.g.
+        ``{"image_size": 128, "variant": "combined"}``; keys an older database does not record are not checked.
 
         Raises:
             FileNotFoundError: the folder or some of its files are missing (all missing files are named).
             DatabaseFormatError: unknown format/version, or inconsistent shapes.
-            CheckpointMismatchError: ``expected_checkpoint_hash`` differs from the stored hash.
+            CheckpointMismatchError: ``expected_checkpoint_hash`` differs from the stored hash, or a value of
+                ``expected_info`` from the stored one (one line naming both).
         """
         folder = Path(folder)
         meta_path = folder / "database.json"
@@ -181,6 +186,15 @@ class EmbeddingDatabase:
             raise CheckpointMismatchError(
                 f"embedding database {folder} was built with checkpoint sha256 {stored}, but the model in "
                 f"use has {expected_checkpoint_hash}; rebuild the database with this model"
+            )
+        stored_info = info.get("info", {})
+        clash = {k: v for k, v in (expected_info or {}).items() if k in stored_info and stored_info[k] != v}
+        if clash:
+            built = ", ".join(f"{k} {stored_info[k]!r}" for k in clash)
+            wanted = ", ".join(f"{k} {v!r}" for k, v in clash.items())
+            raise CheckpointMismatchError(
+                f"embedding database {folder} was built for {built}, but the model in use expects {wanted}; "
+                "rebuild the database with this model"
             )
         emb_keys, map_keys = list(info["embedding_keys"]), list(info["map_keys"])
         names = (

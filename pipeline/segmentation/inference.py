@@ -14,13 +14,12 @@ import csv
 import logging
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.nets.pretrained import WeightsMismatchError
-from pipeline.user_errors import require_checkpoint
+from pipeline.io.checkpoints import load_weights
 
 from .transforms import FLIP_META_KEY
 
@@ -28,22 +27,6 @@ from .transforms import FLIP_META_KEY
 TRAIN_COMMAND = "python -m monai.bundle run training --config_file bundles/dess_seg/configs/train.json"
 
 logger = logging.getLogger(__name__)
-
-
-def load_weights(network: torch.nn.Module, checkpoint: str, map_location: Any = "cpu") -> torch.nn.Module:
-    """Load a ``CheckpointSaver`` file (a bare state dict, or ``{"model": state_dict, ...}``) into ``network``."""
-    require_checkpoint(checkpoint, TRAIN_COMMAND, "segmentation checkpoint")
-    state = torch.load(checkpoint, map_location=map_location, weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    target = network.module if hasattr(network, "module") else network
-    try:
-        target.load_state_dict(state)
-    except RuntimeError as e:
-        raise WeightsMismatchError(f"checkpoint {checkpoint} does not fit the configured network (check "
-                                   f"channels / strides / n_classes against the training config): {str(e)[:300]}"
-                                   ) from None
-    return network
 
 
 class SafeInferenceRunner:
@@ -59,7 +42,9 @@ class SafeInferenceRunner:
             should invert the preprocessing geometry and save.
         output_dir: folder for ``predictions.csv`` / ``failures.csv``.
         device: torch device for the network and input.
-        checkpoint: optional weights file loaded with :func:`load_weights` before running.
+        checkpoint: optional weights file loaded with :func:`pipeline.io.checkpoints.load_weights` before
+            running (``None``: ``network`` comes with its weights, e.g. from
+            :func:`pipeline.io.checkpoints.load_network`).
         progress: show a tqdm bar.
         output_key: key under which ``postprocessing``'s ``SaveImaged`` leaves the saved tensor; its
             ``meta["saved_to"]`` is reported when present.
@@ -105,7 +90,7 @@ class SafeInferenceRunner:
     def run(self) -> dict[str, list[dict]]:
         """Process every entry; write the two CSVs; return ``{"predictions": [...], "failures": [...]}``."""
         if self.checkpoint:
-            load_weights(self.network, self.checkpoint, map_location=self.device)
+            load_weights(self.network, self.checkpoint, train=TRAIN_COMMAND)
         self.network.to(self.device).eval()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.successes, self.failures = [], []
