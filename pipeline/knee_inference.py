@@ -8,6 +8,11 @@
   ``{"image": path, "centre": (x, y), "side": "R"|"L"}``, the method's ``predict(x)`` on the ``1 x 1 x S x S``
   input, the ``writer`` (default :class:`KneeMapWriter`); one bad file or knee becomes a failure row with its
   reason and never stops the others.
+* Each DICOM is decoded once: with the KNEEL model the knees are found file by file (:class:`KneelKnees`) and
+  the chain gets the decoded MetaTensor (``{"image": MetaTensor, ...}``) instead of the path.
+* Each knee's ROI record (:func:`transforms.roi.knee_roi_record`: file, side, flipped, joint centre, ROI size in
+  ORIGINAL pixels and mm, spacing, the exact network-input -> ORIGINAL ``(x, y)`` matrix) goes into its
+  ``summary.json`` entry (``roi``) and to the writer (``roi=``).
 """
 
 from __future__ import annotations
@@ -27,9 +32,23 @@ from tqdm import tqdm
 from pipeline.conventions import JOINT_CENTRE_IDX, MAP_KEYS
 from pipeline.io.atomic import write_text_atomic
 from pipeline.io.dicom import list_radiographs
+from pipeline.io.results import (
+    DEFAULT_VMAX_MM,
+    FAILED,
+    LOW_CONFIDENCE,
+    OK,
+    OUTPUTS_MANIFEST,
+    MapResultWriter,
+    item_name,
+    manifest_row,
+    save_csv,
+    save_map_png,
+    write_manifest,
+)
 from pipeline.user_errors import UserInputError
+from transforms.roi import knee_roi_record
 
-__all__ = ["KneeMapWriter", "KneeRun", "LandmarksRequiredError", "detect_landmarks", "find_knees",
+__all__ = ["KneeMapWriter", "KneeRun", "KneelKnees", "LandmarksRequiredError", "detect_landmarks", "find_knees",
            "read_landmarks", "run_knees", "save_map_png"]
 
 logger = logging.getLogger(__name__)
@@ -86,29 +105,62 @@ def _given(value: Any) -> bool:
     return not (value is None or str(value).strip() == "" or str(value).strip().lower() == "none")
 
 
+class KneelKnees:
+    """The knees of ``files`` found by the KNEEL landmark model, one file at a time as they are iterated: yields
+    ``(file, knee rows)`` like :attr:`KneeRun.jobs` (rows: file, side, x, y, landmark_status, landmark_confidence,
+    landmark_message). Each file is decoded ONCE (:meth:`pipeline.landmarks.infer.KneeLocaliser.locate`); with
+    ``images`` its rows also carry those pixels (``"image"``: the ``(1, H, W)`` MetaTensor of
+    :func:`transforms.radiograph_metatensor`) for the ROI chain, one file's at a time. Files without a usable
+    knee (unreadable, or a knee of unknown side) get no rows and their reason in :attr:`problems`."""
+
+    def __init__(self, files: list[Path], global_ckpt: Any, local_ckpt: Any = None,
+                 device: torch.device | str = "cpu", images: bool = True) -> None:
+        from pipeline.landmarks.infer import KneeLocaliser
+
+        self.files = list(files)
+        self.localiser = KneeLocaliser(global_ckpt, local_ckpt if _given(local_ckpt) else None, device=device)
+        self.images = bool(images)
+        self.problems: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __iter__(self):
+        for f in self.files:
+            yield f, self.knees(f)
+
+    def knees(self, f: Path) -> list[dict[str, Any]]:
+        """The knee rows of one file (see the class docstring)."""
+        pred, image, meta = self.localiser.locate(f)
+        key = str(Path(f).resolve())
+        rows = []
+        for r in pred:
+            if r["status"] == "error" or not np.isfinite([r["x"], r["y"]]).all():
+                self.problems[key] = f"landmark model: {r['message']}"
+            elif r["side"] not in ("R", "L"):
+                self.problems[key] = f"landmark model: knee side unknown ({r['message']})"
+            else:
+                rows.append({"file": key, "side": r["side"], "x": float(r["x"]), "y": float(r["y"]),
+                             "landmark_status": r["status"], "landmark_confidence": float(r["confidence"]),
+                             "landmark_message": r["message"]})
+        if rows and self.images and image is not None:
+            from transforms.radiograph_io import radiograph_metatensor
+
+            decoded = radiograph_metatensor(image, meta)
+            for r in rows:
+                r["image"] = decoded
+        return rows
+
+
 def detect_landmarks(files: list[Path], global_ckpt: Any, local_ckpt: Any = None, device: torch.device | str = "cpu",
                      progress: bool = True) -> tuple[pd.DataFrame, dict[str, str]]:
     """Joint centres of every knee in ``files`` from the KNEEL model -> (landmarks table [file, side, x, y,
     landmark_status, landmark_confidence, landmark_message], {resolved file: reason} for files without a
     usable knee). Knees of unknown side (a single-knee image without laterality) are reported, not used."""
-    from pipeline.landmarks.infer import predict_knees
-
-    pred = predict_knees(files, global_ckpt, local_ckpt if _given(local_ckpt) else None, device=device,
-                         progress=progress)
-    rows, problems = [], {}
-    for r in pred.to_dict(orient="records"):
-        key = str(Path(r["file"]).resolve())
-        if r["status"] == "error" or not np.isfinite([r["x"], r["y"]]).all():
-            problems[key] = f"landmark model: {r['message']}"
-            continue
-        if r["side"] not in ("R", "L"):
-            problems[key] = f"landmark model: knee side unknown ({r['message']})"
-            continue
-        rows.append({"file": key, "side": r["side"], "x": float(r["x"]), "y": float(r["y"]),
-                     "landmark_status": r["status"], "landmark_confidence": float(r["confidence"]),
-                     "landmark_message": r["message"]})
+    knees = KneelKnees(files, global_ckpt, local_ckpt, device, images=False)
+    rows = [r for _, rs in tqdm(knees, desc="KNEEL landmarks", unit="image", disable=not progress) for r in rs]
     cols = ["file", "side", "x", "y", "landmark_status", "landmark_confidence", "landmark_message"]
-    return pd.DataFrame(rows, columns=cols), problems
+    return pd.DataFrame(rows, columns=cols), knees.problems
 
 
 def _match(files: list[Path], lm: pd.DataFrame) -> list[tuple[Path, list[dict]]]:
@@ -125,50 +177,63 @@ def _match(files: list[Path], lm: pd.DataFrame) -> list[tuple[Path, list[dict]]]
     return out
 
 
-def save_map_png(path: Path, m: np.ndarray, title: str, vmax: float | None = None) -> None:
-    """PNG of one thickness map (mm) with a colour bar; NaN (outside the footprint) left blank."""
-    import matplotlib
+class KneeMapWriter(MapResultWriter):
+    """Writes one knee's result into ``out_dir / name`` (:class:`pipeline.io.results.MapResultWriter`):
+    ``fc.npy`` / ``tc.npy`` (float32 mm, NaN outside the footprint), ``neighbours.csv`` when the method gives
+    neighbours (MRIS), ``roi.json`` when given the knee's ROI record, with ``png`` ``fc.png`` / ``tc.png`` (the
+    one map style: colour bar in mm, 0 to ``vmax`` = 4 mm, or each map's maximum with ``vmax=None``) and with
+    ``dicom`` ``fc.dcm`` / ``tc.dcm`` (DICOM Parametric Maps in mm carrying the patient / study identifiers of
+    ``source``, the radiograph). The ``writer`` component of the inference configs; replace it there
+    (``_target_``) to write another format. Returns the knee's folder; every file in it is listed in the
+    run's outputs manifest."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4, 3.4))
-    im = ax.imshow(m, cmap="viridis", vmin=0.0, vmax=vmax if vmax is not None else float(np.nanmax(m)))
-    ax.set_title(title, fontsize=9)
-    ax.axis("off")
-    fig.colorbar(im, ax=ax, label="thickness (mm)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-class KneeMapWriter:
-    """Writes one knee's result into ``out_dir / name``: ``fc.npy`` / ``tc.npy`` (float32 mm, NaN outside the
-    footprint), ``neighbours.csv`` when the method gives neighbours (MRIS) and, with ``png``, ``fc.png`` /
-    ``tc.png`` (colour bar in mm, 0 to ``vmax`` or each map's maximum). The ``writer`` component of the
-    inference configs; replace it there (``_target_``) to write another format. Returns the knee's folder."""
-
-    def __init__(self, png: bool = True, vmax: float | None = None, label: str = "synthesized") -> None:
-        self.png = bool(png)
-        self.vmax = vmax
-        self.label = label
+    def __init__(self, png: bool = True, vmax: float | None = DEFAULT_VMAX_MM, label: str = "synthesized",
+                 dicom: bool = False, model: str = "kneeoa-pipeline") -> None:
+        super().__init__(png=png, dicom=dicom, vmax=vmax, label=label, model=model)
 
     def __call__(self, out_dir: Path, name: str, maps: Mapping[str, np.ndarray],
-                 neighbours: pd.DataFrame | None = None) -> Path:
+                 neighbours: pd.DataFrame | None = None, roi: Mapping[str, Any] | None = None,
+                 source: Any = None, **record: Any) -> Path:
         kdir = Path(out_dir) / name
         kdir.mkdir(parents=True, exist_ok=True)
         if neighbours is not None:
-            neighbours.to_csv(kdir / "neighbours.csv", index=False)
-        for kk in MAP_KEYS:
-            np.save(kdir / f"{kk}.npy", np.asarray(maps[kk], dtype=np.float32))
-            if self.png:
-                save_map_png(kdir / f"{kk}.png", maps[kk], f"{name} {self.label} {kk.upper()} (mm)", vmax=self.vmax)
+            save_csv(kdir / "neighbours.csv", neighbours)
+        if roi is not None:
+            write_text_atomic(kdir / "roi.json", json.dumps(roi, indent=1, default=_jsonable))
+        self.write_maps(kdir, name, {kk: maps[kk] for kk in MAP_KEYS}, source=source)
         return kdir
+
+
+def _jsonable(value: Any) -> Any:
+    return value.tolist() if hasattr(value, "tolist") else str(value)
+
+
+def write_knee_manifest(out_dir: Path, root: Path, knees: list[dict[str, Any]], failures: list[dict[str, Any]],
+                        notes: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """The outputs manifest of a :func:`run_knees` run (``outputs.csv``, :mod:`pipeline.io.results`): one row per
+    knee (``ok``, or ``low_confidence`` when the landmark model flagged it; outputs = the files of its folder;
+    ``notes``: the writer's remarks per knee, e.g. why it wrote no DICOM) and per failed file / knee
+    (``failed``, the error)."""
+    rows = []
+    notes = dict(notes or {})
+    for k in knees:
+        files = sorted(p for p in Path(k["folder"]).iterdir() if p.is_file() and not p.name.startswith("."))
+        status = LOW_CONFIDENCE if k.get("landmark_status") == LOW_CONFIDENCE else OK
+        reason = [k.get("landmark_message", "") if status != OK else "", notes.get(k["knee"], "")]
+        rows.append(manifest_row(k["knee"], status, "; ".join(r for r in reason if r), files, out_dir,
+                                 {"file": k["file"], "side": k["side"]}))
+    for fl in failures:
+        f, side = Path(fl["file"]), fl.get("side", "")
+        item = item_name(f, root, side)
+        rows.append(manifest_row(item, FAILED, fl["error"], (), out_dir, {"file": fl["file"], "side": side}))
+    return write_manifest(out_dir / OUTPUTS_MANIFEST, rows)
 
 
 @dataclass
 class KneeRun:
-    """What :func:`find_knees` found: the files, their root, the knees per file, and the landmark source."""
+    """What :func:`find_knees` found: the files, their root, the knees per file (``jobs``: ``(file, rows)``; a
+    :class:`KneelKnees` finds them while it is iterated, and its rows carry the decoded image under ``"image"``),
+    and the landmark source."""
 
     input: Path
     root: Path
@@ -190,14 +255,14 @@ def find_knees(input: str | Path, landmarks: Any = None, kneel_global_ckpt: Any 
     if _given(landmarks) or not _given(kneel_global_ckpt):
         lm = read_landmarks(landmarks, root)  # raises LandmarksRequiredError when neither is given
         return KneeRun(input, root, files, _match(files, lm), "table")
-    lm, problems = detect_landmarks(files, kneel_global_ckpt, kneel_local_ckpt, device, progress)
+    jobs = KneelKnees(files, kneel_global_ckpt, kneel_local_ckpt, device)  # each file decoded once, in run_knees
     source = {"kneel_global_ckpt": str(kneel_global_ckpt), "kneel_local_ckpt": str(kneel_local_ckpt)}
-    return KneeRun(input, root, files, _match(files, lm), source, problems)
+    return KneeRun(input, root, files, jobs, source, jobs.problems)
 
 
 def knee_name(f: Path, root: Path, side: str) -> str:
     """Output folder name of one knee: the file's path under ``root`` with ``/`` -> ``_``, then ``_<side>``."""
-    return f"{f.relative_to(root).as_posix().replace('/', '_') if f.is_relative_to(root) else f.name}_{side}"
+    return item_name(f, root, side)
 
 
 def run_knees(run: KneeRun, preprocessing: Callable[[dict], dict],
@@ -205,9 +270,12 @@ def run_knees(run: KneeRun, preprocessing: Callable[[dict], dict],
               writer: Callable[..., Path], output_dir: str | Path, summary: Mapping[str, Any],
               desc: str = "inference", progress: bool = True) -> dict[str, Any]:
     """Every knee of ``run``: ``preprocessing`` -> ``predict(x)`` (``x``: ``1 x 1 x S x S`` float32 on the CPU)
-    returning ``(maps {fc, tc} in mm, extras)`` -> ``writer(output_dir, name, maps, **writer_args)`` where
-    ``extras["writer_args"]`` are passed on and the other extras go into the knee's summary record. Writes
-    and returns ``summary.json`` = ``summary`` + landmark source, counts, knees and failures."""
+    returning ``(maps {fc, tc} in mm, extras)`` -> ``writer(output_dir, name, maps, roi=roi, **writer_args)``
+    where ``extras["writer_args"]`` are passed on and the other extras go into the knee's summary record;
+    ``roi`` is the ROI record of the network input (:func:`transforms.roi.knee_roi_record`; None when the chain
+    keeps no crop record), also in the knee's summary record; ``source`` is the radiograph's path (the
+    identifiers of DICOM outputs). Writes and returns ``summary.json`` = ``summary`` + landmark source, counts,
+    knees and failures, and writes the outputs manifest ``outputs.csv`` (:func:`write_knee_manifest`)."""
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     knees: list[dict[str, Any]] = []
@@ -220,7 +288,9 @@ def run_knees(run: KneeRun, preprocessing: Callable[[dict], dict],
         for r in rows:
             name = knee_name(f, run.root, r["side"])
             try:
-                x = preprocessing({"image": str(f), "centre": (r["x"], r["y"]), "side": r["side"]})["image"]
+                img = r.get("image", str(f))  # the radiograph decoded while its knees were found, else its path
+                x = preprocessing({"image": img, "centre": (r["x"], r["y"]), "side": r["side"]})["image"]
+                roi = knee_roi_record(x)
                 x = torch.as_tensor(x).as_subclass(torch.Tensor).float()[None]
                 maps, extras = predict(x)
             except Exception as e:  # one bad file must not stop the others
@@ -228,12 +298,13 @@ def run_knees(run: KneeRun, preprocessing: Callable[[dict], dict],
                 logger.warning("%s failed for %s (%s): %s", desc, f, r["side"], e)
                 continue
             extras = dict(extras)
-            kdir = writer(out_dir, name, maps, **extras.pop("writer_args", {}))
+            kdir = writer(out_dir, name, maps, roi=roi, **{"source": str(f), **extras.pop("writer_args", {})})
             lm_info = {k: r[k] for k in ("landmark_status", "landmark_confidence", "landmark_message") if k in r}
             knees.append({"knee": name, "file": str(f), "side": r["side"], "centre_xy": [r["x"], r["y"]], **lm_info,
                           "folder": str(kdir), "mean_thickness_mm": {kk: float(np.nanmean(maps[kk])) for kk in MAP_KEYS},
-                          **extras})
+                          "roi": roi, **extras})
     result = {**summary, "landmarks_source": run.source, "n_files": len(run.files), "n_knees_ok": len(knees),
               "n_failed": len(failures), "knees": knees, "failures": failures}
     write_text_atomic(out_dir / "summary.json", json.dumps(result, indent=2, default=str))
+    write_knee_manifest(out_dir, run.root, knees, failures, getattr(writer, "notes", None))
     return result

@@ -12,7 +12,7 @@ from pipeline.io.dicom import RadiographReadError, list_radiographs, read_radiog
 
 from .augment import RandKneeAugment, RandKneeAugmentd
 from .intensity import PercentileNormalize, PercentileNormalized, nan_quantile
-from .radiograph_io import LoadKneeRadiograph, LoadKneeRadiographd, radiograph_affine
+from .radiograph_io import LoadKneeRadiograph, LoadKneeRadiographd, radiograph_affine, radiograph_metatensor
 from .roi import (
     ROI_META_KEY,
     BilateralKneeROICropd,
@@ -20,6 +20,7 @@ from .roi import (
     KneeROICropd,
     crop_to_original_points,
     image_to_original_points,
+    knee_roi_record,
     original_to_crop_points,
     original_to_image_points,
     parse_centres,
@@ -46,6 +47,7 @@ __all__ = [
     "LoadKneeRadiograph",
     "LoadKneeRadiographd",
     "radiograph_affine",
+    "radiograph_metatensor",
     "ROI_META_KEY",
     "roi_size_px",
     "KneeROICrop",
@@ -56,6 +58,7 @@ __all__ = [
     "crop_to_original_points",
     "image_to_original_points",
     "original_to_image_points",
+    "knee_roi_record",
     "PercentileNormalize",
     "PercentileNormalized",
     "nan_quantile",

@@ -80,20 +80,6 @@ def affine_spacing(aff: np.ndarray) -> np.ndarray:
     return np.sqrt((a[:-1, :-1] ** 2).sum(axis=0))
 
 
-def translate_flip_matrix(start_rc: tuple[int, int], flip_cols: int | None = None) -> np.ndarray:
-    """3 x 3 matrix mapping a crop index ``(row, col, 1)`` to the source index.
-
-    ``row_src = row + r0``; ``col_src = col + c0`` or, when the crop was flipped left-right and has
-    ``flip_cols`` columns, ``col_src = c0 + (flip_cols - 1) - col``.
-    """
-    m = np.eye(3)
-    m[0, 2], m[1, 2] = float(start_rc[0]), float(start_rc[1])
-    if flip_cols is not None:
-        m[1, 1] = -1.0
-        m[1, 2] += float(flip_cols - 1)
-    return m
-
-
 def with_meta(out: torch.Tensor, like: Any, meta_obj: Any = None) -> torch.Tensor:
     """Wrap ``out`` as a MetaTensor carrying the metadata of ``meta_obj`` (or ``like``) when tracking."""
     if not get_track_meta():

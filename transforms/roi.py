@@ -20,12 +20,16 @@ Coordinates
   source size filled with ``pad_value``).
 * A later MONAI ``Resize`` (``align_corners=False``) maps crop index ``i`` to
   ``(i + 0.5) * S / n - 0.5``; pass ``out_size_rc`` to the point helpers to include it.
+* :func:`knee_roi_record`: the JSON-ready record of where a crop (or its resize: the network input) came
+  from, with its exact output -> original ``(x, y)`` matrix; inference writes it next to every knee's maps.
+* The geometry (ROI size, placement, the crop / flip / resize matrices, padding, the landmark permutation) is
+  :mod:`pipeline.geometry`, shared with the KNEEL landmark canvases; ``crop_to_original`` and MONAI affines are
+  ``(row, col)`` matrices, everything else here is ``(x, y)``.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -38,7 +42,19 @@ from monai.transforms import InvertibleTransform, MapTransform, Transform
 from monai.transforms.inverse import TraceableTransform
 from monai.utils import TraceKeys, TransformBackends
 
-from pipeline.conventions import FLIP_PERMUTATION, N_LANDMARKS, ROI_MM, SIDE_NAMES, SIDES
+from pipeline.conventions import ROI_MM, SIDE_NAMES, SIDES
+from pipeline.geometry import (
+    apply_matrix,
+    crop_matrix,
+    crop_overlap,
+    crop_start,
+    invert,
+    permute_if_flipped,
+    resize_matrix,
+    roi_record,
+    roi_size_px,
+    swap_xy_rc,
+)
 
 from ._utils import (
     affine_spacing,
@@ -48,7 +64,6 @@ from ._utils import (
     plain,
     spatial_affine,
     to_tensor,
-    translate_flip_matrix,
 )
 
 __all__ = [
@@ -62,22 +77,11 @@ __all__ = [
     "crop_to_original_points",
     "image_to_original_points",
     "original_to_image_points",
+    "knee_roi_record",
 ]
 
 #: Key of the ROI record in a crop's metadata.
 ROI_META_KEY = "knee_roi"
-
-
-def _round_half_up(v: float) -> int:
-    return int(math.floor(v + 0.5))
-
-
-def roi_size_px(roi_mm: float, spacing_rc: Sequence[float]) -> tuple[int, int]:
-    """ROI side in pixels per axis, ``(round(roi_mm / row_spacing), round(roi_mm / col_spacing))``."""
-    sr, sc = (float(s) for s in spacing_rc)
-    if sr <= 0 or sc <= 0:
-        raise ValueError(f"spacing must be positive, got {spacing_rc}")
-    return max(1, _round_half_up(roi_mm / sr)), max(1, _round_half_up(roi_mm / sc))
 
 
 def _normalise_side(side: Any) -> str:
@@ -173,15 +177,13 @@ class KneeROICrop(InvertibleTransform, Transform):
             raise ValueError("KneeROICrop needs the pixel spacing: pass a MetaTensor or spacing=(row, col) mm")
         # original index -> current index (identity unless the image was resampled after loading)
         orig_to_cur = np.linalg.solve(cur_aff, orig_aff)
-        r_c, c_c, _ = orig_to_cur @ np.array([xy[1], xy[0], 1.0])
         n_r, n_c = roi_size_px(self.roi_mm, spacing_rc)
-        r0 = _round_half_up(r_c) - n_r // 2
-        c0 = _round_half_up(c_c) - n_c // 2
+        c0, r0 = crop_start(apply_matrix(swap_xy_rc(orig_to_cur), xy), (n_r, n_c))
         flipped = self.flip_side is not None and side == self.flip_side
         h, w = int(img_t.shape[1]), int(img_t.shape[2])
 
         out = self._crop(plain(img_t), r0, c0, n_r, n_c, flipped)
-        t = translate_flip_matrix((r0, c0), n_c if flipped else None)
+        t = swap_xy_rc(crop_matrix((c0, r0), (n_r, n_c), flipped))  # crop (row, col) -> current (row, col)
         crop_to_orig = np.linalg.solve(orig_to_cur, t)
         info = {
             "side": side,
@@ -213,18 +215,16 @@ class KneeROICrop(InvertibleTransform, Transform):
         return res
 
     def _crop(self, x: torch.Tensor, r0: int, c0: int, n_r: int, n_c: int, flipped: bool) -> torch.Tensor:
-        h, w = x.shape[1], x.shape[2]
-        sr0, sr1 = max(r0, 0), min(r0 + n_r, h)
-        sc0, sc1 = max(c0, 0), min(c0 + n_c, w)
+        inside = crop_overlap((c0, r0), (n_r, n_c), x.shape[1:3])
         if numpy_fast_path(x):
             xn = x.detach().numpy()
             o = np.full((x.shape[0], n_r, n_c), self.pad_value, dtype=xn.dtype)
-            if sr1 > sr0 and sc1 > sc0:
-                o[:, sr0 - r0 : sr1 - r0, sc0 - c0 : sc1 - c0] = xn[:, sr0:sr1, sc0:sc1]
+            if inside is not None:
+                o[(slice(None), *inside[1])] = xn[(slice(None), *inside[0])]
             return torch.from_numpy(np.ascontiguousarray(o[:, :, ::-1]) if flipped else o)
         out = torch.full((x.shape[0], n_r, n_c), self.pad_value, dtype=x.dtype, device=x.device)
-        if sr1 > sr0 and sc1 > sc0:
-            out[:, sr0 - r0 : sr1 - r0, sc0 - c0 : sc1 - c0] = x[:, sr0:sr1, sc0:sc1]
+        if inside is not None:
+            out[(slice(None), *inside[1])] = x[(slice(None), *inside[0])]
         return torch.flip(out, dims=(2,)) if flipped else out
 
     def inverse(self, data: torch.Tensor) -> torch.Tensor:
@@ -244,16 +244,14 @@ class KneeROICrop(InvertibleTransform, Transform):
         if flipped:
             x = torch.flip(x, dims=(2,))
         out = torch.full((x.shape[0], h, w), self.pad_value, dtype=x.dtype, device=x.device)
-        sr0, sr1 = max(r0, 0), min(r0 + n_r, h)
-        sc0, sc1 = max(c0, 0), min(c0 + n_c, w)
-        if sr1 > sr0 and sc1 > sc0:
-            out[:, sr0:sr1, sc0:sc1] = x[:, sr0 - r0 : sr1 - r0, sc0 - c0 : sc1 - c0]
+        inside = crop_overlap((c0, r0), (n_r, n_c), (h, w))
+        if inside is not None:
+            out[(slice(None), *inside[0])] = x[(slice(None), *inside[1])]
         if not isinstance(data, MetaTensor):
             return out
         res = MetaTensor(out)
         res.copy_meta_from(data)
-        t = translate_flip_matrix((r0, c0), n_c if flipped else None)
-        res.affine = compose_affine(data, np.linalg.inv(t))
+        res.affine = compose_affine(data, invert(swap_xy_rc(crop_matrix((c0, r0), (n_r, n_c), flipped))))
         res.meta = dict(res.meta)
         res.meta.pop(ROI_META_KEY, None)
         return res
@@ -366,34 +364,15 @@ def _points(points_xy: Any) -> np.ndarray:
     return p
 
 
-def _apply_rc(m: np.ndarray, p_xy: np.ndarray) -> np.ndarray:
-    rc1 = np.stack([p_xy[:, 1], p_xy[:, 0], np.ones(len(p_xy))])
-    out = m @ rc1
-    return np.stack([out[1], out[0]], axis=1)
-
-
-def _resize_matrix(size_rc: Sequence[int], out_size_rc: Sequence[int] | None) -> np.ndarray:
-    """Crop index -> resized index for MONAI Resize with align_corners=False: ``(i + 0.5) * S / n - 0.5``."""
-    m = np.eye(3)
-    if out_size_rc is None:
-        return m
-    for a in range(2):
-        s = float(out_size_rc[a]) / float(size_rc[a])
-        m[a, a] = s
-        m[a, 2] = 0.5 * s - 0.5
-    return m
-
-
 def _roi_info(roi: Any) -> Mapping:
     if isinstance(roi, MetaTensor):
         return roi.meta[ROI_META_KEY]
     return roi
 
 
-def _maybe_permute(p: np.ndarray, info: Mapping, permute: bool) -> np.ndarray:
-    if permute and info["flipped"] and len(p) == N_LANDMARKS:
-        return p[list(FLIP_PERMUTATION)]
-    return p
+def _crop_to_original_xy(info: Mapping, out_size_rc: Sequence[int] | None) -> np.ndarray:
+    """(x, y) matrix: pixel of the crop (or of its later ``Resize`` to ``out_size_rc``) -> ORIGINAL pixel."""
+    return swap_xy_rc(info["crop_to_original"]) @ resize_matrix(info["size_rc"], out_size_rc)
 
 
 def original_to_crop_points(
@@ -408,8 +387,8 @@ def original_to_crop_points(
             ``FLIP_PERMUTATION`` so index i is again "i-th from the left" in the crop.
     """
     info = _roi_info(roi)
-    m = _resize_matrix(info["size_rc"], out_size_rc) @ np.linalg.inv(np.asarray(info["crop_to_original"]))
-    return _maybe_permute(_apply_rc(m, _points(points_xy)), info, permute_landmarks)
+    p = apply_matrix(invert(_crop_to_original_xy(info, out_size_rc)), _points(points_xy))
+    return permute_if_flipped(p, info["flipped"] and permute_landmarks)
 
 
 def crop_to_original_points(
@@ -417,9 +396,13 @@ def crop_to_original_points(
 ) -> np.ndarray:
     """Inverse of :func:`original_to_crop_points` (points of the crop, or of its resize, -> original)."""
     info = _roi_info(roi)
-    p = _maybe_permute(_points(points_xy), info, permute_landmarks)
-    m = np.asarray(info["crop_to_original"]) @ np.linalg.inv(_resize_matrix(info["size_rc"], out_size_rc))
-    return _apply_rc(m, p)
+    p = permute_if_flipped(_points(points_xy), info["flipped"] and permute_landmarks)
+    return apply_matrix(_crop_to_original_xy(info, out_size_rc), p)
+
+
+def _image_to_original_xy(img: MetaTensor) -> np.ndarray:
+    """(x, y) matrix: pixel of ``img`` -> ORIGINAL pixel, ``inv(original_affine) @ affine``."""
+    return swap_xy_rc(np.linalg.solve(original_affine(img), spatial_affine(img)))
 
 
 def image_to_original_points(points_xy: Any, img: MetaTensor) -> np.ndarray:
@@ -427,11 +410,23 @@ def image_to_original_points(points_xy: Any, img: MetaTensor) -> np.ndarray:
 
     Valid after any chain of affine-tracking transforms (our crop/flip, MONAI Resize, Rotate, ...).
     """
-    m = np.linalg.solve(original_affine(img), spatial_affine(img))
-    return _apply_rc(m, _points(points_xy))
+    return apply_matrix(_image_to_original_xy(img), _points(points_xy))
 
 
 def original_to_image_points(points_xy: Any, img: MetaTensor) -> np.ndarray:
     """ORIGINAL pixels ``(x, y)`` -> points of the derived image ``img`` (inverse of the above)."""
-    m = np.linalg.solve(spatial_affine(img), original_affine(img))
-    return _apply_rc(m, _points(points_xy))
+    return apply_matrix(invert(_image_to_original_xy(img)), _points(points_xy))
+
+
+def knee_roi_record(img: Any) -> dict[str, Any] | None:
+    """The ROI record (:func:`pipeline.geometry.roi_record`) of a knee crop, or of any image derived from one by
+    affine-tracking transforms (the inference chain's normalisation and ``Resize``): file, side, flipped, joint
+    centre and ROI size in ORIGINAL pixels, size in mm, spacing, and ``output_to_original``, the exact map from a
+    pixel ``(u, v)`` of ``img`` to the ORIGINAL radiograph ``(x, y)``. None when ``img`` carries no crop record."""
+    if not isinstance(img, MetaTensor) or ROI_META_KEY not in img.meta:
+        return None
+    info = img.meta[ROI_META_KEY]
+    return roi_record(side=info["side"], flipped=info["flipped"], centre_xy=info["centre_xy"],
+                      size_rc=info["size_rc"], spacing_rc=info["spacing_rc"],
+                      output_to_original=_image_to_original_xy(img), output_size_rc=tuple(img.shape[-2:]),
+                      file=str(img.meta.get("filename_or_obj", "")))

@@ -27,8 +27,9 @@ Outputs (``output_dir``)
 ``<knee>/fc.npy``, ``<knee>/tc.npy`` (float32 ``H x W`` mm on the atlas grid, NaN outside the footprint,
 finite inside; LEFT-knee atlas convention: right knees are mirrored like the training data; the generator
 output, mm / 3, is converted by :func:`pipeline.baselines.synthesize.outputs_to_atlas` as in evaluation),
-``<knee>/fc.png``, ``<knee>/tc.png`` (``png``), and ``summary.json`` (every knee that worked, and every file
-or knee that failed with the reason: one bad file does not stop the others).
+``<knee>/fc.png``, ``<knee>/tc.png`` (``png``), ``summary.json`` (every knee that worked, and every file
+or knee that failed with the reason: one bad file does not stop the others) and ``outputs.csv``
+(:mod:`pipeline.io.results`); with the writer's ``dicom`` (``--dicom True``) ``<knee>/fc.dcm`` / ``tc.dcm``.
 """
 
 from __future__ import annotations

@@ -45,17 +45,10 @@ from monai.transforms import (
 )
 
 from pipeline.conventions import N_LANDMARKS
+from pipeline.geometry import apply_matrix, invert, permute_if_flipped
 from pipeline.io.dicom import read_radiograph
 from pipeline.io.manifest import load_manifest, resolve, split_subjects
-from pipeline.landmarks.geometry import (
-    StageSpec,
-    apply_matrix,
-    field_centre,
-    knee_field,
-    make_view,
-    permute_if_flipped,
-    sample_canvas,
-)
+from pipeline.landmarks.geometry import StageSpec, field_centre, knee_field, make_view, sample_canvas
 from transforms import PercentileNormalize
 
 __all__ = [
@@ -254,7 +247,7 @@ class RandKneeCanvasd(RandomizableTransform, MapTransform):
         d["flipped"] = flipped
         if "landmarks" in d and d["landmarks"] is not None:
             pts = np.asarray(d["landmarks"], dtype=np.float64)
-            target = permute_if_flipped(apply_matrix(np.linalg.inv(m), pts), flipped)
+            target = permute_if_flipped(apply_matrix(invert(m), pts), flipped)
             target = target[list(self.spec.point_indices)] if self.spec.stage == "global" else target
             d["label"] = ((target + 0.5) / self.spec.canvas_size).astype(np.float32)
         return d

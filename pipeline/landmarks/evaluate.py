@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 
 from pipeline.conventions import JOINT_CENTRE_IDX, ROI_MM
+from pipeline.geometry import apply_matrix, crop_matrix, crop_start, roi_size_px
 from pipeline.io.dicom import read_radiograph
 from pipeline.landmarks.data import manifest_items, split_items
 from pipeline.landmarks.infer import Checkpoints, KneeLocaliser, landmarks_array, save_overlay
@@ -37,21 +38,17 @@ from pipeline.landmarks.metrics import LANDMARK_GROUPS, RECALL_RADII_MM, landmar
 __all__ = ["mris_roi_centre", "mris_roi_offset_mm", "evaluate_landmarks", "format_report"]
 
 
-def mris_roi_centre(centre_xy: Any, spacing_rc: Any, shape_hw: Any, roi_mm: float = ROI_MM) -> np.ndarray:
+def mris_roi_centre(centre_xy: Any, spacing_rc: Any, shape_hw: Any = None, roi_mm: float = ROI_MM) -> np.ndarray:
     """Centre ``(x, y)`` (original px) of the ROI that :class:`transforms.KneeROICrop` cuts around ``centre_xy``
-    (the crop snaps to whole pixels: its centre can differ from ``centre_xy`` by up to half a pixel)."""
-    from transforms import KneeROICrop
-
-    crop = KneeROICrop(roi_mm=roi_mm, flip_side=None, spacing=tuple(float(s) for s in spacing_rc))
-    dummy = torch.zeros((1, int(shape_hw[0]), int(shape_hw[1])), dtype=torch.uint8)
-    info = crop(dummy, tuple(float(c) for c in centre_xy), "L").meta["knee_roi"]
-    n_r, n_c = info["size_rc"]
-    m = np.asarray(info["crop_to_original"], dtype=float)  # crop (row, col, 1) -> original (row, col, 1)
-    r, c, _ = m @ np.array([(n_r - 1) / 2.0, (n_c - 1) / 2.0, 1.0])
-    return np.array([c, r])
+    (the crop snaps to whole pixels: its centre can differ from ``centre_xy`` by up to half a pixel per axis, a
+    whole pixel for an even ROI side). ``shape_hw`` (the image size) does not change it and may be omitted."""
+    size_rc = roi_size_px(roi_mm, spacing_rc)
+    m = crop_matrix(crop_start(np.asarray(centre_xy, dtype=float), size_rc), size_rc)
+    return apply_matrix(m, [(size_rc[1] - 1) / 2.0, (size_rc[0] - 1) / 2.0])
 
 
-def mris_roi_offset_mm(pred_xy: Any, true_xy: Any, spacing_rc: Any, shape_hw: Any, roi_mm: float = ROI_MM) -> float:
+def mris_roi_offset_mm(pred_xy: Any, true_xy: Any, spacing_rc: Any, shape_hw: Any = None,
+                       roi_mm: float = ROI_MM) -> float:
     """Distance in mm between the MRIS ROI centred on the predicted and on the true joint centre."""
     a = mris_roi_centre(pred_xy, spacing_rc, shape_hw, roi_mm)
     b = mris_roi_centre(true_xy, spacing_rc, shape_hw, roi_mm)
@@ -89,8 +86,7 @@ def evaluate_landmarks(manifest: str | Path, global_ckpt: Checkpoints, local_ckp
         g = np.array([r["global_x"], r["global_y"]], dtype=float)
         e_g = float(landmark_errors_mm(g[None], true[JOINT_CENTRE_IDX][None], sp)[0])
         e_c = float(landmark_errors_mm(centre[None], true[JOINT_CENTRE_IDX][None], sp)[0])
-        shape = read_radiograph(it["image"])[1]["original_shape"]
-        roi_off = mris_roi_offset_mm(centre, true[JOINT_CENTRE_IDX], sp, shape)
+        roi_off = mris_roi_offset_mm(centre, true[JOINT_CENTRE_IDX], sp)
         row = {**base, "status": r["status"], "message": r["message"], "confidence": r["confidence"],
                "centre_error_mm": e_c, "global_centre_error_mm": e_g, "mris_roi_offset_mm": roi_off}
         if np.isfinite(p16).all():

@@ -1,19 +1,16 @@
-"""Exact geometry of the two KNEEL stages: canvases, resampling, and point mapping both ways.
+"""The two KNEEL stages: stage specs, knee fields, views and canvases (geometry: :mod:`pipeline.geometry`).
 
 Conventions
 -----------
 * Points are ``(x, y)`` = (column, row) in pixels; a pixel's CENTRE has integer coordinates.
   Source (ORIGINAL radiograph) spacing is ``(row, col)`` mm (:mod:`pipeline.io.dicom`).
 * A **canvas** is an ``S x S`` image at ``t`` mm/px (physically square, also for anisotropic sources)
-  centred on a point of the source. It is described by one 3 x 3 matrix ``M`` mapping canvas pixel
-  ``(u, v, 1)`` to source pixel ``(x, y, 1)`` (:func:`canvas_matrix`):
-
-  ``M = T(centre) . diag(1/col_spacing, 1/row_spacing) . R(angle) . diag(f t / zoom, t / zoom) . T(-(S-1)/2)``
-
-  with ``f = -1`` for a left-right flipped canvas. Sampling uses ``M`` (bilinear, Gaussian anti-aliasing
-  when down-sampling) and predictions are mapped back with the SAME ``M`` (:func:`apply_matrix`), so the
-  forward and inverse point maps are exact to float precision (no "multiply by the ROI size"
-  approximation). Chained canvases multiply their matrices.
+  centred on a point of the source, described by ONE 3 x 3 matrix ``M`` mapping canvas pixel ``(u, v, 1)``
+  to source pixel ``(x, y, 1)`` (:func:`pipeline.geometry.canvas_matrix`, the radiograph geometry every crop
+  of the package shares). Sampling uses ``M`` (:func:`pipeline.geometry.resample`: bilinear, Gaussian
+  anti-aliasing when down-sampling) and predictions are mapped back with the SAME ``M``
+  (:func:`pipeline.geometry.apply_matrix`), so the forward and inverse point maps are exact to float precision
+  (no "multiply by the ROI size" approximation). Chained canvases multiply their matrices.
 * Normalised canvas coordinates: ``n = (u + 0.5) / S`` (:mod:`pipeline.landmarks.soft_argmax`).
 * **Stages** (:class:`StageSpec`): ``global`` = the knee's field (one half of a bilateral image, the whole
   image for a single knee; the rest masked) on a canvas of e.g. 450 px at 1 mm/px (paper) -> 1 point,
@@ -21,7 +18,8 @@ Conventions
   135 mm field inside KNEEL's 140 mm ROI) -> 16 landmarks in KNEEL order.
 * Sides: the patient's RIGHT knee is on the image's LEFT half. Right-knee canvases are flipped so every
   canvas shows a left knee; landmark ``i`` of a canvas is always the ``i``-th from the canvas' left in its
-  group, so a flipped canvas permutes indices by ``pipeline.conventions.FLIP_PERMUTATION``.
+  group, so a flipped canvas permutes indices by ``pipeline.conventions.FLIP_PERMUTATION``
+  (:func:`pipeline.geometry.permute_if_flipped`).
 """
 
 from __future__ import annotations
@@ -32,21 +30,22 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
-from pipeline.conventions import FLIP_PERMUTATION, JOINT_CENTRE_IDX, N_LANDMARKS, SIDES
+from pipeline.conventions import JOINT_CENTRE_IDX, N_LANDMARKS, SIDES
+from pipeline.geometry import apply_matrix, canvas_matrix, invert, permute_if_flipped, resample
 
 __all__ = [
     "STAGES",
     "StageSpec",
     "LAYOUTS",
-    "canvas_matrix",
-    "apply_matrix",
-    "resample",
     "knee_field",
     "field_centre",
     "make_view",
     "sample_canvas",
+    # re-exported from pipeline.geometry (their home) for the users of this module
+    "canvas_matrix",
+    "apply_matrix",
+    "resample",
     "permute_if_flipped",
 ]
 
@@ -92,83 +91,6 @@ class StageSpec:
     def from_dict(cls, d: Mapping[str, Any]) -> StageSpec:
         return cls(stage=str(d["stage"]), canvas_size=int(d["canvas_size"]),
                    canvas_spacing_mm=float(d["canvas_spacing_mm"]))
-
-
-def canvas_matrix(centre_xy: Sequence[float], size_hw: Sequence[int], out_spacing_mm: float,
-                  in_spacing_rc: Sequence[float], angle_rad: float = 0.0, zoom: float = 1.0,
-                  flip: bool = False) -> np.ndarray:
-    """3 x 3 matrix: canvas pixel ``(u, v, 1)`` -> source pixel ``(x, y, 1)`` (module docstring).
-
-    Args:
-        centre_xy: source point ``(x, y)`` at the canvas centre ``((W-1)/2, (H-1)/2)``.
-        size_hw: canvas ``(H, W)`` px.
-        out_spacing_mm: canvas mm/px (before ``zoom``).
-        in_spacing_rc: source ``(row, col)`` mm/px.
-        angle_rad: rotation of the sampling grid (the content turns by ``-angle``).
-        zoom: > 1 magnifies (a canvas pixel covers ``out_spacing_mm / zoom`` mm).
-        flip: mirror the canvas left-right.
-    """
-    h, w = (int(s) for s in size_hw)
-    sr, sc = (float(s) for s in in_spacing_rc)
-    t = float(out_spacing_mm) / float(zoom)
-    c, s = math.cos(angle_rad), math.sin(angle_rad)
-    shift = np.array([[1.0, 0.0, -(w - 1) / 2.0], [0.0, 1.0, -(h - 1) / 2.0], [0.0, 0.0, 1.0]])
-    scale = np.diag([(-t if flip else t), t, 1.0])
-    rot = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
-    to_px = np.array([[1.0 / sc, 0.0, float(centre_xy[0])], [0.0, 1.0 / sr, float(centre_xy[1])], [0.0, 0.0, 1.0]])
-    return to_px @ rot @ scale @ shift
-
-
-def apply_matrix(m: np.ndarray, points_xy: Any) -> np.ndarray:
-    """Apply a 3 x 3 ``(x, y, 1)`` matrix to ``(..., 2)`` points; returns float64 ``(..., 2)``."""
-    p = np.asarray(points_xy, dtype=np.float64)
-    return p @ np.asarray(m, dtype=np.float64)[:2, :2].T + np.asarray(m, dtype=np.float64)[:2, 2]
-
-
-def resample(image: np.ndarray, m: np.ndarray, size_hw: Sequence[int], antialias: bool = True,
-             valid_box: Sequence[float] | None = None) -> np.ndarray:
-    """Sample ``image`` (2D, rows x columns) on a canvas: canvas pixel ``(u, v)`` takes the bilinear value
-    at source ``M (u, v, 1)``.
-
-    When a canvas pixel spans ``k > 1`` source pixels along a source axis, that axis is first smoothed with
-    a Gaussian of sigma ``(k - 1) / 2`` source pixels (anti-aliasing; symmetric, so no shift). Canvas
-    pixels whose source point lies outside the image, or outside ``valid_box`` = ``(x0, x1, y0, y1)`` in
-    source pixel coordinates (edges, e.g. ``(-0.5, W/2 - 0.5, -0.5, H - 0.5)`` for the left half), are NaN.
-
-    Returns:
-        float32 ``(H, W)`` canvas.
-    """
-    img = np.asarray(image, dtype=np.float32)
-    if img.ndim != 2:
-        raise ValueError(f"resample expects a 2D image (rows, columns), got shape {img.shape}")
-    h, w = (int(s) for s in size_hw)
-    m = np.asarray(m, dtype=np.float64)
-    vv, uu = np.mgrid[0:h, 0:w].astype(np.float64)
-    xs = m[0, 0] * uu + m[0, 1] * vv + m[0, 2]
-    ys = m[1, 0] * uu + m[1, 1] * vv + m[1, 2]
-    hs, ws = img.shape
-    box = [-0.5, ws - 0.5, -0.5, hs - 0.5]
-    if valid_box is not None:
-        box = [max(box[0], valid_box[0]), min(box[1], valid_box[1]), max(box[2], valid_box[2]), min(box[3], valid_box[3])]
-    inside = (xs >= box[0]) & (xs <= box[1]) & (ys >= box[2]) & (ys <= box[3])
-    out = np.full((h, w), np.nan, dtype=np.float32)
-    if not inside.any():
-        return out
-    step_x = math.hypot(m[0, 0], m[0, 1])  # source columns per canvas pixel
-    step_y = math.hypot(m[1, 0], m[1, 1])
-    sig = (max(0.0, (step_y - 1.0) / 2.0), max(0.0, (step_x - 1.0) / 2.0)) if antialias else (0.0, 0.0)
-    margin = int(math.ceil(4.0 * max(sig))) + 2
-    x_in, y_in = xs[inside], ys[inside]
-    c0 = max(0, int(math.floor(x_in.min())) - margin)
-    c1 = min(ws, int(math.ceil(x_in.max())) + margin + 1)
-    r0 = max(0, int(math.floor(y_in.min())) - margin)
-    r1 = min(hs, int(math.ceil(y_in.max())) + margin + 1)
-    crop = img[r0:r1, c0:c1]
-    if max(sig) > 0.05:
-        crop = ndimage.gaussian_filter(crop, sigma=sig, mode="nearest", truncate=4.0)
-    vals = ndimage.map_coordinates(crop, [y_in - r0, x_in - c0], order=1, mode="nearest")
-    out[inside] = vals
-    return out
 
 
 def knee_field(shape_hw: Sequence[int], side: str, layout: str = "bilateral") -> tuple[float, float, float, float]:
@@ -218,17 +140,8 @@ def sample_canvas(view: np.ndarray, view_matrix: np.ndarray, view_spacing_mm: fl
         ``(canvas float32 (S, S) with NaN where there is no image, M (canvas px -> ORIGINAL px))``.
     """
     s = spec.canvas_size
-    centre_view = apply_matrix(np.linalg.inv(view_matrix), np.asarray(centre_xy, dtype=np.float64))
+    centre_view = apply_matrix(invert(view_matrix), np.asarray(centre_xy, dtype=np.float64))
     m_cv = canvas_matrix(centre_view, (s, s), spec.canvas_spacing_mm, (view_spacing_mm, view_spacing_mm),
                          angle_rad=angle_rad, zoom=zoom, flip=flip)
     canvas = resample(view, m_cv, (s, s), antialias=True)
     return canvas, np.asarray(view_matrix) @ m_cv
-
-
-def permute_if_flipped(points: np.ndarray, flipped: bool) -> np.ndarray:
-    """Reorder 16 KNEEL landmarks by ``FLIP_PERMUTATION`` when ``flipped`` (an involution: the same call maps
-    canvas order -> image order and back); other point counts are returned unchanged."""
-    p = np.asarray(points)
-    if flipped and p.shape[-2] == N_LANDMARKS:
-        return p[..., list(FLIP_PERMUTATION), :]
-    return p

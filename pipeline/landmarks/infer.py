@@ -6,8 +6,10 @@
 Per image
 ---------
 1. Read with :func:`pipeline.io.dicom.read_radiograph` (spacing from ImagerPixelSpacing/PixelSpacing,
-   MONOCHROME1 inverted, rescale applied). A file that cannot be read gives ONE row with
-   ``status="error"`` and the reason; it never stops the other files.
+   MONOCHROME1 inverted, rescale applied), once: :meth:`KneeLocaliser.locate` also takes an image the caller
+   has decoded already and returns the pixels it used, so MRIS / direct-synthesis inference and the overlays
+   go on with them. A file that cannot be read gives ONE row with ``status="error"`` and the reason; it never
+   stops the other files.
 2. Layout: ``bilateral`` (patient's right knee = image LEFT half, split at the middle column) or ``single``
    (one knee fills the image). ``layout="auto"``: ``ImageLaterality``/``Laterality`` ``R``/``L`` -> single
    knee of that side; otherwise bilateral if the image is at least ``min_bilateral_width_mm`` wide, else a
@@ -56,20 +58,21 @@ import torch
 from tqdm import tqdm
 
 from pipeline.conventions import JOINT_CENTRE_IDX, SIDES, side_from_name
+from pipeline.geometry import apply_matrix, permute_if_flipped
 from pipeline.io.atomic import write_text_atomic
 from pipeline.io.dicom import RadiographReadError, list_radiographs, read_radiograph
+from pipeline.io.dicom_out import write_secondary_capture
+from pipeline.io.results import (
+    OUTPUTS_MANIFEST,
+    item_name,
+    manifest_row,
+    save_csv,
+    save_figure,
+    write_manifest,
+)
 from pipeline.landmarks.data import normalise_canvas
 from pipeline.landmarks.engine import LandmarkCheckpointError, load_landmark_model
-from pipeline.landmarks.geometry import (
-    LAYOUTS,
-    StageSpec,
-    apply_matrix,
-    field_centre,
-    knee_field,
-    make_view,
-    permute_if_flipped,
-    sample_canvas,
-)
+from pipeline.landmarks.geometry import LAYOUTS, StageSpec, field_centre, knee_field, make_view, sample_canvas
 from pipeline.landmarks.network import KneelHourglass
 
 logger = logging.getLogger(__name__)
@@ -246,24 +249,38 @@ class KneeLocaliser:
         return np.stack(pts), conf.mean(axis=1), dis.max(axis=1) * stage.spec.canvas_mm
 
     # ------------------------------------------------------------------------------------------ public
-    def predict_image(self, path: PathLike) -> list[dict[str, Any]]:
-        """Rows (module docstring) for one radiograph file; an unreadable file gives one ``error`` row."""
+    def predict_image(self, path: PathLike, image: Any = None, meta: dict | None = None) -> list[dict[str, Any]]:
+        """Rows (module docstring) for one radiograph file; an unreadable file gives one ``error`` row.
+        ``image`` / ``meta``: the file already decoded (:meth:`locate`)."""
+        return self.locate(path, image, meta)[0]
+
+    def locate(self, path: PathLike, image: Any = None, meta: dict | None = None
+               ) -> tuple[list[dict[str, Any]], np.ndarray | None, dict | None]:
+        """Rows for one radiograph and the radiograph itself, decoded once: ``(rows, image, meta)``.
+
+        ``image`` / ``meta``: the file already decoded by :func:`pipeline.io.dicom.read_radiograph` -- ``image``
+        ``(H, W)`` (or ``(1, H, W)``; numpy or torch; a MetaTensor brings its ``meta``) and ``meta`` its header
+        record with ``spacing_mm`` = ``[row, col]`` mm (``spacing_known``, ``laterality``, ``Modality`` are read
+        when present); without them the file is read here. They are returned (``image`` as float32 ``(H, W)``)
+        so the caller can go on with the same pixels; ``(error rows, None, None)`` for a file that cannot be read.
+        """
         path = Path(path)
+        if image is None:
+            try:
+                image, meta = read_radiograph(path, allow_missing_spacing=self.missing_spacing_mm is not None)
+            except RadiographReadError as e:
+                return [_read_error_row(path, e)], None, None
+            except Exception as e:  # noqa: BLE001 - never stop the folder
+                return [_error_row(path, f"cannot read radiograph '{path}': {type(e).__name__}: {e}")], None, None
+        else:
+            image, meta = _decoded(path, image, meta)
+            if not meta.get("spacing_known", True) and self.missing_spacing_mm is None:
+                return [_read_error_row(path, RadiographReadError(path, "no pixel spacing"))], None, None
         try:
-            img, meta = read_radiograph(path, allow_missing_spacing=self.missing_spacing_mm is not None)
-        except RadiographReadError as e:
-            if "no pixel spacing" in e.reason:
-                return [_error_row(path, f"cannot place landmarks in '{path}': no pixel spacing (neither "
-                                         "ImagerPixelSpacing nor PixelSpacing), so the image cannot be resampled to "
-                                         "mm; pass missing_spacing_mm=<mm> to assume a spacing")]
-            return [_error_row(path, str(e))]
-        except Exception as e:  # noqa: BLE001 - never stop the folder
-            return [_error_row(path, f"cannot read radiograph '{path}': {type(e).__name__}: {e}")]
-        try:
-            return self._predict_array(path, img, meta)
+            return self._predict_array(path, image, meta), image, meta
         except Exception as e:  # noqa: BLE001 - never stop the folder
             logger.warning("landmark prediction failed for %s: %s", path, e)
-            return [_error_row(path, f"landmark prediction failed for '{path}': {type(e).__name__}: {e}")]
+            return [_error_row(path, f"landmark prediction failed for '{path}': {type(e).__name__}: {e}")], image, meta
 
     def _predict_array(self, path: Path, img: np.ndarray, meta: dict) -> list[dict[str, Any]]:
         flags_img: list[str] = []
@@ -333,6 +350,28 @@ class KneeLocaliser:
         return pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
 
 
+def _decoded(path: Path, image: Any, meta: dict | None) -> tuple[np.ndarray, dict]:
+    """An already decoded radiograph as (float32 ``(H, W)``, header record with ``spacing_mm``)."""
+    if meta is None:
+        meta = getattr(image, "meta", None)
+    if meta is None or "spacing_mm" not in meta:
+        raise ValueError(f"a decoded radiograph of '{path}' needs its header record with spacing_mm ([row, col] mm)")
+    arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if arr.ndim == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 2:
+        raise ValueError(f"a decoded radiograph must be (H, W) or (1, H, W), got shape {arr.shape} for '{path}'")
+    return np.asarray(arr, dtype=np.float32), dict(meta)
+
+
+def _read_error_row(path: Path, e: RadiographReadError) -> dict[str, Any]:
+    if "no pixel spacing" in e.reason:
+        return _error_row(path, f"cannot place landmarks in '{path}': no pixel spacing (neither ImagerPixelSpacing "
+                                "nor PixelSpacing), so the image cannot be resampled to mm; pass "
+                                "missing_spacing_mm=<mm> to assume a spacing")
+    return _error_row(path, str(e))
+
+
 def _error_row(path: Path, message: str) -> dict[str, Any]:
     return {"file": str(path), "side": "", "layout": "", "status": "error", "x": float("nan"), "y": float("nan"),
             "confidence": 0.0, "low_confidence": True, "message": message, "global_x": float("nan"),
@@ -380,8 +419,8 @@ def landmarks_array(df: pd.DataFrame) -> np.ndarray:
 
 
 def save_overlay(path: PathLike, image: np.ndarray, rows: Sequence[dict[str, Any]], max_side: int = 900,
-                 title: str | None = None, truth_points: Sequence[Any] | None = None) -> None:
-    """PNG of ``image`` with each knee's landmarks (tibial red, femoral cyan, joint centre yellow +, global-stage
+                 title: str | None = None, truth_points: Sequence[Any] | None = None) -> Path:
+    """PNG of ``image`` (written atomically; returns ``path``) with each knee's landmarks (tibial red, femoral cyan, joint centre yellow +, global-stage
     centre orange o), side and confidence; a knee flagged ``low_confidence`` is labelled in red with its first
     reason. ``truth_points``: optional ``(16, 2)`` reference landmarks per knee, drawn as white x."""
     import matplotlib
@@ -416,17 +455,19 @@ def save_overlay(path: PathLike, image: np.ndarray, rows: Sequence[dict[str, Any
     ax.set_title(title if title is not None else (Path(str(rows[0]["file"])).name if rows else ""), fontsize=9)
     ax.axis("off")
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    return save_figure(fig, path)
 
 
 def run_folder(input: PathLike, output_dir: PathLike, global_ckpt: Checkpoints, local_ckpt: Checkpoints | None = None,
                device: torch.device | str = "cpu", layout: str = "auto", tta: bool = True, refine: bool = False,
                overlays: bool = True, progress: bool = True, localiser: KneeLocaliser | None = None,
-               **kwargs: Any) -> pd.DataFrame:
+               dicom: bool = False, **kwargs: Any) -> pd.DataFrame:
     """Inference bundle: every radiograph of ``input`` (file or folder) -> ``output_dir/landmarks.csv``
-    (columns: module docstring), ``output_dir/overlays/<file>.png`` and ``output_dir/summary.json``.
+    (columns: module docstring), ``output_dir/overlays/<file>.png``, ``output_dir/summary.json`` and the outputs
+    manifest ``output_dir/outputs.csv`` (:mod:`pipeline.io.results`: one row per knee, item ``<file>_<side>``,
+    status ``ok`` / ``low_confidence`` / ``failed`` (= ``error`` in ``landmarks.csv``), reason = ``message``).
+    ``dicom``: each overlay also as an RGB DICOM Secondary Capture ``overlays/<file>.dcm`` with the patient /
+    study identifiers of its radiograph (:func:`pipeline.io.dicom_out.write_secondary_capture`).
 
     ``localiser``: a ready :class:`KneeLocaliser` (the ``localiser`` component of
     ``bundles/kneel/configs/inference.json``); default: built from the checkpoints and the other arguments."""
@@ -438,19 +479,28 @@ def run_folder(input: PathLike, output_dir: PathLike, global_ckpt: Checkpoints, 
     loc = localiser if localiser is not None else KneeLocaliser(global_ckpt, local_ckpt, device=device, layout=layout,
                                                                 tta=tta, refine=refine, **kwargs)
     rows: list[dict[str, Any]] = []
+    manifest: list[dict[str, Any]] = []
     root = inp if inp.is_dir() else inp.parent
     for f in tqdm(_files(inp), desc="KNEEL landmarks", unit="image", disable=not progress):
-        r = loc.predict_image(f)
+        r, img, _ = loc.locate(f)  # the overlay shows the pixels the landmarks were found on (decoded once)
         rows += r
-        if overlays and r and r[0]["status"] != "error":
+        name, files, notes = item_name(f, root), [], []
+        if overlays and img is not None and r and r[0]["status"] != "error":
             try:
-                img, _ = read_radiograph(f, allow_missing_spacing=True)
-                name = f.relative_to(root).as_posix().replace("/", "_") if f.is_relative_to(root) else f.name
-                save_overlay(out / "overlays" / f"{name}.png", img, r)
+                files.append(save_overlay(out / "overlays" / f"{name}.png", img, r))
+                if dicom:
+                    files.append(write_secondary_capture(out / "overlays" / f"{name}.dcm", files[0], f, name,
+                                                         "KNEEL landmarks overlay", model="kneel"))
             except Exception as e:  # noqa: BLE001 - an overlay must not stop the folder
                 logger.warning("overlay failed for %s: %s", f, e)
+                notes.append(f"overlay not written: {type(e).__name__}: {e}")
+        for k in r:
+            reason = "; ".join([k["message"], *notes] if k["message"] else notes)
+            manifest.append(manifest_row(item_name(f, root, k["side"]), k["status"], reason, files, out,
+                                         {"file": k["file"], "side": k["side"], "x": k["x"], "y": k["y"],
+                                          "confidence": k["confidence"]}))
     df = pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
-    df.to_csv(out / "landmarks.csv", index=False)
+    save_csv(out / "landmarks.csv", df)
     summary = {
         "convention": "x, y and landmarks are (column, row) pixels of the ORIGINAL radiograph; KNEEL order: tibial "
                       "0-8, femoral 9-15, each left -> right in the image; joint centre = landmark 4; the "
@@ -463,4 +513,5 @@ def run_folder(input: PathLike, output_dir: PathLike, global_ckpt: Checkpoints, 
                      for r in rows if r["status"] != "ok"],
     }
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    write_manifest(out / OUTPUTS_MANIFEST, manifest)
     return df

@@ -23,7 +23,9 @@ Outputs (``output_dir``)
 LEFT-knee atlas convention: right knees are mirrored like the training data), ``<knee>/fc.png``,
 ``<knee>/tc.png`` (with colour bar), ``<knee>/neighbours.csv`` (rank, database row, subject, side, visit,
 cosine similarity, weight), and ``summary.json`` (every knee: ok or the error; unreadable files named
-with the reason; they do not stop the others).
+with the reason; they do not stop the others) and the outputs manifest ``outputs.csv``
+(:mod:`pipeline.io.results`); with the writer's ``dicom`` (``--dicom True``) ``<knee>/fc.dcm``, ``<knee>/tc.dcm``
+(DICOM Parametric Maps, :mod:`pipeline.io.dicom_out`).
 """
 
 from __future__ import annotations

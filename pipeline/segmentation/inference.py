@@ -5,12 +5,18 @@ entry it applies ``preprocessing`` (load, orient to PIR, flip right knees, scale
 inference, then ``postprocessing`` (softmax/argmax, ``Invertd`` back to the INPUT geometry, ``SaveImaged``).
 Any exception while loading, predicting or saving one item is caught and written to
 ``<output_dir>/failures.csv`` (columns ``image, stage, error``); successful items go to
-``<output_dir>/predictions.csv`` (``image, side, knee_flipped, output``). A tqdm bar shows progress.
+``<output_dir>/predictions.csv`` (``image, side, knee_flipped, output``); both, and the outputs manifest
+``<output_dir>/outputs.csv`` (:mod:`pipeline.io.results`: one row per item, ``ok`` / ``failed``, its files),
+are written atomically. A tqdm bar shows progress.
+
+With ``dicom=True`` each prediction of a DICOM series input is also written as a DICOM SEG next to its NIfTI
+(``<...>_seg.dcm``; :func:`pipeline.io.dicom_out.write_segmentation`: BINARY, segments femur, femoral
+cartilage, tibia, tibial cartilage = labels 1-4, referencing the source series and carrying its patient /
+study identifiers). A NIfTI input gets no SEG (a SEG needs its source series); its row says so in ``reason``.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import traceback
 from pathlib import Path
@@ -20,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.io.checkpoints import load_weights
+from pipeline.io.results import FAILED, OK, OUTPUTS_MANIFEST, manifest_row, save_csv, write_manifest
 
 from .transforms import FLIP_META_KEY
 
@@ -48,12 +55,13 @@ class SafeInferenceRunner:
         progress: show a tqdm bar.
         output_key: key under which ``postprocessing``'s ``SaveImaged`` leaves the saved tensor; its
             ``meta["saved_to"]`` is reported when present.
+        dicom: also write a DICOM SEG of every prediction whose input is a DICOM series (module docstring).
     """
 
     def __init__(self, datalist: Sequence[dict], preprocessing: Callable, network: torch.nn.Module,
                  inferer: Callable, postprocessing: Callable, output_dir: str,
                  device: torch.device | str = "cpu", checkpoint: Optional[str] = None,
-                 progress: bool = True, output_key: str = "pred") -> None:
+                 progress: bool = True, output_key: str = "pred", dicom: bool = False) -> None:
         self.datalist = list(datalist)
         self.preprocessing = preprocessing
         self.network = network
@@ -64,6 +72,7 @@ class SafeInferenceRunner:
         self.checkpoint = checkpoint
         self.progress = progress
         self.output_key = output_key
+        self.dicom = bool(dicom)
         self.successes: list[dict] = []
         self.failures: list[dict] = []
 
@@ -100,11 +109,45 @@ class SafeInferenceRunner:
             except _ItemError as e:
                 self.failures.append({"image": item.get("image", ""), "stage": e.stage, "error": e.message})
                 logger.warning("skipped %s (%s): %s", item.get("image"), e.stage, e.message)
-        _write_csv(self.output_dir / "predictions.csv", ["image", "side", "knee_flipped", "output"], self.successes)
-        _write_csv(self.output_dir / "failures.csv", ["image", "stage", "error"], self.failures)
+        manifest = []
+        for p in self.successes:
+            files, note = [p["output"]], ""
+            if self.dicom and p["output"]:
+                seg, note = self._write_seg(p)
+                files.append(seg)
+            manifest.append(manifest_row(p["image"], OK, note, files, self.output_dir,
+                                         {"side": p["side"], "knee_flipped": p["knee_flipped"]}))
+        manifest += [manifest_row(f["image"], FAILED, f"{f['stage']}: {f['error']}", (), self.output_dir,
+                                  {"stage": f["stage"]}) for f in self.failures]
+        save_csv(self.output_dir / "predictions.csv", self.successes, ["image", "side", "knee_flipped", "output"])
+        save_csv(self.output_dir / "failures.csv", self.failures, ["image", "stage", "error"])
+        write_manifest(self.output_dir / OUTPUTS_MANIFEST, manifest)
         logger.info("dess_seg inference: %d written, %d failed (see %s)", len(self.successes),
                     len(self.failures), self.output_dir / "failures.csv")
         return {"predictions": self.successes, "failures": self.failures}
+
+
+    def _write_seg(self, prediction: dict) -> tuple[str, str]:
+        """The DICOM SEG of one saved prediction -> (its path or "", note for the manifest)."""
+        import nibabel as nib
+        import numpy as np
+
+        from pipeline.io.dicom_out import read_source, write_segmentation
+
+        source = read_source(prediction["image"])
+        if not source:
+            return "", "no DICOM SEG: the input is not a DICOM series"
+        out = Path(prediction["output"])
+        target = out.with_name(out.name.split(".")[0] + ".dcm")
+        try:
+            img = nib.load(str(out))
+            labels = np.rint(np.asarray(img.dataobj)).astype(np.uint8)
+            affine_lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ img.affine  # NIfTI RAS -> DICOM LPS
+            write_segmentation(target, labels.reshape(labels.shape[:3]), affine_lps, source, out.name.split(".")[0])
+        except Exception as e:  # noqa: BLE001 - the NIfTI prediction stands; the manifest says why
+            logger.warning("DICOM SEG failed for %s: %s", prediction["image"], e)
+            return "", f"no DICOM SEG: {describe_exception(e)}"
+        return str(target), ""
 
 
 def describe_exception(exc: BaseException, max_chars: int = 300) -> str:
@@ -123,10 +166,3 @@ class _ItemError(Exception):
     def __init__(self, stage: str, message: str) -> None:
         super().__init__(message)
         self.stage, self.message = stage, message
-
-
-def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
