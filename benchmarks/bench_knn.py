@@ -101,7 +101,7 @@ def run_reference(q, emb, maps, mask, k):
 def run_ours(q, emb, maps, mask, k):
     import torch
 
-    from pipeline.retrieval import knn_synthesize
+    from pipeline.mris.knn import knn_synthesize
 
     res = knn_synthesize(torch.from_numpy(q), emb, maps, k=k, masks=mask)
     return res.indices.numpy(), res.maps.numpy()
@@ -110,7 +110,7 @@ def run_ours(q, emb, maps, mask, k):
 def worker(args) -> None:
     import torch  # imported by both workers so the baseline holds the same libraries
 
-    import pipeline.retrieval  # noqa: F401
+    import pipeline.mris.knn  # noqa: F401
 
     torch.set_num_threads(args.threads)
     q, emb, maps, mask = make_data(args.n, args.queries, args.dim, args.map_size, args.seed)

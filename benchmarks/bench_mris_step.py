@@ -13,8 +13,8 @@ import time
 import torch
 from monai.engines import SupervisedTrainer
 
-from pipeline.losses import LongitudinalTripletLoss
 from pipeline.mris.engine import MRISTrainStep, make_network
+from pipeline.mris.losses import LongitudinalTripletLoss
 
 
 def main() -> None:

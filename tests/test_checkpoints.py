@@ -90,7 +90,7 @@ def test_round_trip_rebuilds_the_network_from_the_checkpoint_alone(family, tmp_p
 
 def test_mris_inference_network_and_settings_from_the_checkpoint(tmp_path):
     from pipeline.mris.engine import load_mris_network, make_network, run_settings
-    from pipeline.nets import RadiographMRISSeparate
+    from pipeline.mris.network import RadiographMRISSeparate
 
     net = _mris("separate")
     torch.save(net.state_dict(), tmp_path / "m.pt")
@@ -179,6 +179,25 @@ def test_kneel_legacy_description_still_loads(tmp_path):
         load_landmark_model(tmp_path / "mris.pt")
 
 
+def test_moved_factory_alias_keeps_old_checkpoints_loadable(tmp_path, monkeypatch):
+    """A checkpoint naming a factory's old dotted path loads through ``FACTORY_ALIASES`` (old -> new path)."""
+    from pipeline.nets import describe
+
+    net = _mris().eval()
+    state = net.state_dict()
+    old = "pipeline.mris.old_module.make_network"  # where the factory used to live
+    state[EXTRA_STATE] = {**state[EXTRA_STATE], "factory": old}
+    torch.save(state, tmp_path / "old.pt")
+    with pytest.raises(ue.CheckpointError, match="not a known network factory"):
+        load_network(tmp_path / "old.pt")
+    monkeypatch.setitem(describe.FACTORY_ALIASES, old, net.description["factory"])
+    back = load_network(tmp_path / "old.pt")
+    assert back.description == net.description
+    fresh = _mris()
+    fresh.load_state_dict(torch.load(tmp_path / "old.pt", weights_only=True))  # same factory after the alias
+    assert fresh.description == net.description
+
+
 # ------------------------------------------------------------------------------------------- bad files
 def test_unreadable_files_raise_named_errors(tmp_path):
     good = tmp_path / "good.pt"
@@ -223,9 +242,9 @@ def test_mris_bundle_evaluate_and_infer_with_only_the_checkpoint(tiny_cohort, tm
     """A tiny training at 32 px and widen_factor 0.125 (both not the configs' defaults), then evaluate.json and
     inference.json with nothing but the checkpoint, manifest and input: the architecture and image size come from
     the checkpoint. A contradicting flag and a database built for another image size are refused in one line."""
+    from pipeline.mris.database import CheckpointMismatchError
     from pipeline.mris.engine import load_mris_network
     from pipeline.mris.evaluate import build_mris_database
-    from pipeline.retrieval import CheckpointMismatchError
 
     manifest = Path(tiny_cohort[0]) / "manifest.csv"
     root = tmp_path / "mris"

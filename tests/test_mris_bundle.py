@@ -65,7 +65,7 @@ def test_resume_continues_from_final_checkpoint(trained, tmp_path):
 
 
 def test_evaluate_tables_recall_and_mean_map_baseline(trained):
-    from pipeline.retrieval import CheckpointMismatchError, EmbeddingDatabase, checkpoint_hash
+    from pipeline.mris.database import CheckpointMismatchError, EmbeddingDatabase, checkpoint_hash
 
     out, manifest, _ = trained
     _bundle_run("evaluating", "evaluate.json", bundle_root=str(out), manifest=str(manifest), k=20, **SMALL)
@@ -90,9 +90,9 @@ def test_evaluate_tables_recall_and_mean_map_baseline(trained):
 
 
 def test_query_with_other_checkpoint_fails(trained, tmp_path):
+    from pipeline.mris.database import CheckpointMismatchError
     from pipeline.mris.engine import make_network
     from pipeline.mris.evaluate import evaluate_test
-    from pipeline.retrieval import CheckpointMismatchError
 
     out, manifest, _ = trained
     if not (out / "database").is_dir():
@@ -195,8 +195,8 @@ def test_separate_variant_train_step_and_recall_metric():
     """MRIS-S: one MONAI SupervisedTrainer iteration on a synthetic batch; per-encoder clipping; metric."""
     from monai.engines import SupervisedTrainer
 
-    from pipeline.losses import LongitudinalTripletLoss
     from pipeline.mris.engine import MRISEvalStep, MRISTrainStep, RetrievalRecall, make_network
+    from pipeline.mris.losses import LongitudinalTripletLoss
 
     torch.manual_seed(0)
     net = make_network("separate", widen_factor=0.125)

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.retrieval import (
+from pipeline.mris.database import (
     CheckpointMismatchError,
     DatabaseFormatError,
     EmbeddingDatabase,
     build_database,
     checkpoint_hash,
-    knn_synthesize,
 )
+from pipeline.mris.knn import knn_synthesize
 
 H, W = 8, 6
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.retrieval import (
+from pipeline.mris.knn import (
     cosine_topk,
     knn_synthesize,
     knn_synthesize_separate,
@@ -190,7 +190,7 @@ def test_torch_and_numpy_map_paths_agree(use_mask):
 
 
 def test_automatic_database_chunking(monkeypatch, tmp_path):
-    import pipeline.retrieval.knn as knn_module
+    import pipeline.mris.knn as knn_module
 
     queries, db, _, _ = _data(n=500, q=70)
     ref_s, ref_i = cosine_topk(queries, db, k=20, dtype=torch.float64)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.losses import LongitudinalTripletLoss, longitudinal_triplet_loss
+from pipeline.mris.losses import LongitudinalTripletLoss, longitudinal_triplet_loss
 
 
 def _cos_dist(u: torch.Tensor, v: torch.Tensor) -> float:

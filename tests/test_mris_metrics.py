@@ -10,11 +10,10 @@ import torch
 from pipeline.metrics import (
     median_abs_deviation,
     per_map_errors,
-    recall_at_k,
     synthesis_error_report,
     synthesis_error_table,
-    target_ranks,
 )
+from pipeline.mris.metrics import recall_at_k, target_ranks
 
 
 def _naive_recall(sim: np.ndarray, targets: np.ndarray, k: int) -> float:

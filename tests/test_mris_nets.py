@@ -6,15 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.nets import (
-    PAPER_PARAMETERS,
-    DualEncoder,
-    ImageEncoder,
-    MRISSeparate,
-    WeightsMismatchError,
-    count_parameters,
-    load_encoder_weights,
-)
+from pipeline.mris.network import PAPER_PARAMETERS, DualEncoder, ImageEncoder, MRISSeparate, count_parameters
+from pipeline.nets import WeightsMismatchError, load_encoder_weights
 
 NARROW = {"widen_factor": 0.125}  # 64-d output, ~0.35 M parameters per trunk
 

@@ -76,7 +76,7 @@ def evaluate_test(method: str | None, checkpoint: str | Path, manifest: str | Pa
               for r in table.itertuples()]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     if figure:
-        from pipeline.compare.figures import example_maps_figure
+        from pipeline.metrics.figures import example_maps_figure
 
         example_maps_figure(out / "examples.png", test, truth, {label: synth}, images=images)
     logger.info("direct synthesis (%s) evaluation written to %s", method, out)

@@ -51,10 +51,9 @@ from pipeline.baselines.synthesize import (
     outputs_to_atlas,
 )
 from pipeline.conventions import MAP_KEYS
-from pipeline.io.checkpoints import load_weights, unwrap
+from pipeline.io.checkpoints import checkpoint_hash, load_weights, unwrap
 from pipeline.knee_inference import KneeMapWriter, find_knees, run_knees
 from pipeline.mris.data import radiograph_transforms
-from pipeline.retrieval import checkpoint_hash
 from pipeline.thickness.grid import footprint
 
 __all__ = ["atlas_footprints", "run_inference"]

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.nets import count_parameters
+from pipeline.mris.network import count_parameters
 
 __all__ = ["count_flops", "model_size_row"]
 

@@ -10,6 +10,8 @@
   you give.
 * :func:`network_settings`: the architecture settings and expected preprocessing of a (loaded) network, checked
   against settings given by a user.
+* :func:`checkpoint_hash`: sha256 identifying a checkpoint file or state dict (stamped on embedding databases
+  and inference results).
 
 Every problem raises one :class:`pipeline.user_errors.CheckpointError` subclass with a one-line message that
 names the file: :class:`~pipeline.user_errors.CheckpointNotFoundError` (no file; also a ``FileNotFoundError``),
@@ -21,6 +23,7 @@ description contradicts the network or the settings given), :class:`~pipeline.us
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -49,6 +52,7 @@ from pipeline.user_errors import (
 
 __all__ = [
     "CheckpointError", "CheckpointNotFoundError", "CheckpointReadError", "DDP_PREFIX", "EXTRA_STATE", "NoDescriptionError",
+    "checkpoint_hash",
     "NoStateDictError", "SettingsMismatchError", "WeightsMismatchError", "description_of", "load_network",
     "load_weights", "network_settings", "read_state_dict", "unwrap",
 ]
@@ -211,3 +215,44 @@ def network_settings(network: nn.Module, required: Sequence[str] = (), source: O
         raise NoDescriptionError(f"{source} does not record {', '.join(unknown)} (its checkpoint was written before "
                                  f"checkpoints recorded them); pass {', '.join(f'--{k}' for k in unknown)}")
     return out
+
+
+def _hash_update_tensor(h: Any, t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def checkpoint_hash(path_or_state_dict: str | os.PathLike | Mapping[str, Any] | torch.nn.Module) -> str:
+    """sha256 hex digest identifying a model checkpoint.
+
+    * a path: sha256 of the file's bytes (streamed);
+    * a state dict (or ``nn.Module``, via its ``state_dict()``): sha256 over the sorted keys with each
+      tensor's dtype, shape and raw bytes (non-tensor values by ``repr``).
+
+    The two kinds of hash differ for the same weights: use the same kind when building and loading.
+    """
+    h = hashlib.sha256()
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        path = os.fspath(path_or_state_dict)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint file not found: {path}")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+    sd = (
+        path_or_state_dict.state_dict()
+        if isinstance(path_or_state_dict, torch.nn.Module)
+        else path_or_state_dict
+    )
+    if not isinstance(sd, Mapping):
+        raise TypeError(f"expected a path, a state dict or an nn.Module, got {type(sd).__name__}")
+    for key in sorted(sd, key=str):
+        h.update(f"{key}\n".encode())
+        value = sd[key]
+        if isinstance(value, torch.Tensor):
+            _hash_update_tensor(h, value)
+        else:
+            h.update(repr(value).encode())
+    return h.hexdigest()

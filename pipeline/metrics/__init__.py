@@ -1,6 +1,8 @@
-"""Metrics: retrieval recall@k and thickness-map synthesis error (MRIS)."""
+"""Metrics shared by the map-synthesis methods (MRIS, direct synthesis, the comparison): thickness-map
+synthesis error (median / MAD of ``|synth - truth|`` in mm inside the footprint) and its example figure.
+Method-specific metrics live with their method (``pipeline.mris.metrics``: retrieval recall@k;
+``pipeline.landmarks.metrics``, ``pipeline.segmentation.metrics``, ``pipeline.downstream.metrics``)."""
 
-from pipeline.metrics.retrieval import DEFAULT_KS, recall_at_k, target_ranks
 from pipeline.metrics.synthesis import (
     median_abs_deviation,
     per_map_errors,
@@ -9,11 +11,8 @@ from pipeline.metrics.synthesis import (
 )
 
 __all__ = [
-    "DEFAULT_KS",
     "median_abs_deviation",
     "per_map_errors",
-    "recall_at_k",
     "synthesis_error_report",
     "synthesis_error_table",
-    "target_ranks",
 ]

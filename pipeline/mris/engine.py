@@ -1,8 +1,8 @@
-"""MONAI-engine pieces of MRIS training: network factory, iteration functions, recall metric, handlers.
+"""MONAI-engine pieces of MRIS training: network factory, iteration functions, recall metric.
 
 Used by ``bundles/mris/configs/train.json``:
 
-* :func:`make_network` -> :class:`pipeline.nets.DualEncoder` (MRIS-C) or :class:`pipeline.nets.MRISSeparate`,
+* :func:`make_network` -> :class:`pipeline.mris.network.DualEncoder` (MRIS-C) or :class:`pipeline.mris.network.MRISSeparate`,
   self-describing; :func:`load_mris_network` rebuilds one from its checkpoint, :func:`run_settings` reads the
   variant and image size a network was trained with.
 * :class:`MRISTrainStep` -> ``SupervisedTrainer(iteration_update=...)``: both encoders' embeddings, the
@@ -10,7 +10,6 @@ Used by ``bundles/mris/configs/train.json``:
 * :class:`MRISEvalStep` -> ``SupervisedEvaluator(iteration_update=...)``: embeddings of radiographs and maps.
 * :class:`RetrievalRecall` (ignite ``Metric``): recall@k of radiograph -> map retrieval over the whole
   validation set (first visit per knee); ``k=None`` gives the model-selection key R@1 + R@5 + R@10.
-* :class:`SamplerEpochHandler`: ``sampler.set_epoch`` for :class:`pipeline.sampling.SubjectVisitSampler`.
 
 Batch layout: ``image`` ``B x 1 x S x S``; MRIS-C ``maps`` ``B x 1 x 2S x S``; MRIS-S ``fc``/``tc``
 ``B x 1 x S x S``; ``subject_id`` list of ``B`` str. Embeddings ``B x D``, unit L2 norm.
@@ -23,16 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from ignite.metrics import Metric
-from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.utils import CommonKeys
 
 from pipeline.conventions import MAP_KEYS
 from pipeline.io.checkpoints import load_network, network_settings, unwrap
-from pipeline.metrics import recall_at_k
 from pipeline.mris.data import check_variant, network_keys, radiograph_preprocessing
-from pipeline.nets import DualEncoder, MRISSeparate, RadiographDualEncoder, RadiographMRISSeparate
+from pipeline.mris.metrics import recall_at_k
+from pipeline.mris.network import DualEncoder, MRISSeparate, RadiographDualEncoder, RadiographMRISSeparate
 from pipeline.nets.describe import network_factory
 
 Embeddings = torch.Tensor | dict[str, torch.Tensor]
@@ -61,8 +59,8 @@ def make_network(variant: str | None = "combined", widen_factor: float | None = 
     ``radiograph_only=True`` (inference, ``verify_net_in_out``, ``ckpt_export``): the same model with the
     same state-dict keys and description (training checkpoints load strictly; ``embed_xray`` / ``embed_map``
     unchanged) but ``forward(x)`` = the radiograph embedding only: ``B x D`` for MRIS-C
-    (:class:`~pipeline.nets.RadiographDualEncoder`), the FC and TC radiograph embeddings concatenated,
-    ``B x 2D``, for MRIS-S (:class:`~pipeline.nets.RadiographMRISSeparate`)."""
+    (:class:`~pipeline.mris.network.RadiographDualEncoder`), the FC and TC radiograph embeddings concatenated,
+    ``B x 2D``, for MRIS-S (:class:`~pipeline.mris.network.RadiographMRISSeparate`)."""
     given = {"variant": variant, "widen_factor": widen_factor, "stem_stride": stem_stride}
     s = {k: DEFAULTS[k] if v is None else v for k, v in given.items()}
     settings = {"variant": check_variant(s["variant"]), "widen_factor": float(s["widen_factor"]),
@@ -170,7 +168,7 @@ class RetrievalRecall(Metric):
     """Radiograph -> map retrieval recall (percent) over the whole evaluation set.
 
     Item ``i``'s radiograph should retrieve item ``i``'s map among all maps of the set (ties pessimistic,
-    :func:`pipeline.metrics.recall_at_k`). ``k``: one k (returns R@k) or None (returns R@1 + R@5 + R@10,
+    :func:`pipeline.mris.metrics.recall_at_k`). ``k``: one k (returns R@k) or None (returns R@1 + R@5 + R@10,
     the MRIS model-selection key). Reads ``output["xray_emb"]`` / ``output["map_emb"]``.
     """
 
@@ -206,45 +204,3 @@ class RetrievalRecall(Metric):
         ks = (self.k,) if self.k is not None else self.ks
         rec = recall_at_k(sim, ks=ks)
         return float(sum(rec.values()))
-
-
-class SamplerEpochHandler:
-    """Call ``sampler.set_epoch(epoch - 1)`` at every ``EPOCH_STARTED`` (ignite epochs are 1-based), so
-    :class:`pipeline.sampling.SubjectVisitSampler` draws another visit per subject each epoch."""
-
-    def __init__(self, sampler: Any) -> None:
-        self.sampler = sampler
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(engine.state.epoch - 1)
-
-
-class EngineCheckpointSaver(CheckpointSaver):
-    """:class:`monai.handlers.CheckpointSaver` that also saves the engine it is attached to (under
-    ``engine_key``, default ``"trainer"``), so a config needs no circular ``@train#trainer`` reference.
-    The final checkpoint then restores epoch/iteration on resume (:class:`EngineCheckpointLoader`)."""
-
-    def __init__(self, *args: Any, engine_key: str = "trainer", **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.engine_key = engine_key
-
-    def attach(self, engine: Engine) -> None:
-        self.save_dict[self.engine_key] = engine
-        super().attach(engine)
-
-
-class EngineCheckpointLoader(CheckpointLoader):
-    """:class:`monai.handlers.CheckpointLoader` that also restores the engine it is attached to
-    (``engine_key``, default ``"trainer"``) when the checkpoint holds it."""
-
-    def __init__(self, *args: Any, engine_key: str = "trainer", **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.engine_key = engine_key
-
-    def attach(self, engine: Engine) -> None:
-        self.load_dict[self.engine_key] = engine
-        super().attach(engine)

@@ -22,9 +22,10 @@ import torch
 from monai.data import DataLoader, Dataset
 from monai.transforms import Compose
 
-from pipeline.conventions import KLG_BUCKETS, MAP_KEYS, klg_bucket
+from pipeline.conventions import MAP_KEYS
 from pipeline.io.checkpoints import load_weights, unwrap
-from pipeline.metrics import recall_at_k, synthesis_error_report
+from pipeline.metrics import synthesis_error_report
+from pipeline.metrics.figures import pick_examples
 from pipeline.mris.data import (
     check_variant,
     manifest_items,
@@ -32,8 +33,9 @@ from pipeline.mris.data import (
     mris_transforms,
     select,
 )
+from pipeline.mris.database import EmbeddingDatabase, build_database, checkpoint_hash
 from pipeline.mris.engine import TRAIN_COMMAND, run_settings, similarity_matrix
-from pipeline.retrieval import EmbeddingDatabase, build_database, checkpoint_hash
+from pipeline.mris.metrics import recall_at_k
 
 logger = logging.getLogger(__name__)
 RECALL_KS = (1, 5, 10, 20)
@@ -42,7 +44,7 @@ RECALL_KS = (1, 5, 10, 20)
 # --------------------------------------------------------------------------------------------- embedding
 def make_map_embed_fn(network: torch.nn.Module, variant: str, image_size: int,
                       device: torch.device | str = "cpu") -> Callable[[Mapping[str, torch.Tensor]], Any]:
-    """``embed_fn`` for :func:`pipeline.retrieval.build_database`: ``{fc, tc}: B x H x W`` mm (NaN outside)
+    """``embed_fn`` for :func:`pipeline.mris.database.build_database`: ``{fc, tc}: B x H x W`` mm (NaN outside)
     -> NaN-aware resize, NaN -> 0, / 3 mm, (MRIS-C) stacking -> map encoder(s) -> ``B x D`` or ``{key: B x D}``."""
     variant = check_variant(variant)
     prep = Compose(map_preprocess_transforms(variant, image_size))
@@ -91,7 +93,7 @@ def load_raw_maps(item: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def database_rows(items: Sequence[dict]) -> Iterator[tuple[dict, np.ndarray, np.ndarray]]:
-    """``(row, fc, tc)`` for :func:`pipeline.retrieval.build_database` (every visit of every item)."""
+    """``(row, fc, tc)`` for :func:`pipeline.mris.database.build_database` (every visit of every item)."""
     for it in items:
         m = load_raw_maps(it)
         row = {k: it[k] for k in ("subject_id", "side", "visit_month", "klg", "knee_id")}
@@ -107,9 +109,9 @@ def build_mris_database(network: torch.nn.Module, checkpoint: str | Path, manife
                         batch_size: int = 64, overwrite: bool = True, progress: bool = True) -> EmbeddingDatabase:
     """Load ``checkpoint`` into ``network`` and embed every visit of the ``database_split`` subjects.
 
-    The database is stamped with :func:`pipeline.retrieval.checkpoint_hash` of the checkpoint FILE and records
+    The database is stamped with :func:`pipeline.mris.database.checkpoint_hash` of the checkpoint FILE and records
     the variant and image size, so a later query with another checkpoint or image size fails
-    (:class:`pipeline.retrieval.CheckpointMismatchError`). ``variant`` / ``image_size``: ``None`` = as the
+    (:class:`pipeline.mris.database.CheckpointMismatchError`). ``variant`` / ``image_size``: ``None`` = as the
     checkpoint records them (:func:`pipeline.mris.engine.run_settings`).
     """
     load_weights(network, checkpoint, train=TRAIN_COMMAND)
@@ -254,17 +256,6 @@ def markdown_report(metrics: Mapping[str, Any], table: pd.DataFrame) -> str:
         mad = "n/a" if np.isnan(row.mad_mm) else f"{row.mad_mm:.3f}"
         lines.append(f"| {row.method} | {row.map} | {row.group} | {row.n_maps} | {med} | {mad} |")
     return "\n".join(lines) + "\n"
-
-
-def pick_examples(items: Sequence[dict]) -> list[tuple[str, int]]:
-    """``(bucket name, item index)``: the first item (in item order) of each KLG bucket that has one."""
-    picks = []
-    for bucket in KLG_BUCKETS:
-        name = klg_bucket(bucket[0])
-        idx = [i for i, it in enumerate(items) if it["klg"] >= 0 and klg_bucket(it["klg"]) == name]
-        if idx:
-            picks.append((name, idx[0]))
-    return picks
 
 
 def example_figure(path: str | Path, items: Sequence[dict], images: torch.Tensor | None,

@@ -52,8 +52,8 @@ from pipeline.knee_inference import (  # noqa: F401  (re-exported: the names MRI
     save_map_png,
 )
 from pipeline.mris.data import radiograph_transforms
+from pipeline.mris.database import EmbeddingDatabase, checkpoint_hash
 from pipeline.mris.engine import TRAIN_COMMAND, run_settings
-from pipeline.retrieval import EmbeddingDatabase, checkpoint_hash
 
 logger = logging.getLogger(__name__)
 

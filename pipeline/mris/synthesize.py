@@ -2,8 +2,8 @@
 
 Built only from the existing MRIS pieces: :func:`pipeline.mris.evaluate.build_mris_database` (embedding
 database of the database split), :func:`pipeline.mris.evaluate.embed_radiographs` (radiograph encoder),
-:meth:`pipeline.retrieval.EmbeddingDatabase.synthesize` (:func:`pipeline.retrieval.knn_synthesize` /
-:func:`~pipeline.retrieval.knn_synthesize_separate`), :func:`pipeline.mris.evaluate.mean_map_baseline`.
+:meth:`pipeline.mris.database.EmbeddingDatabase.synthesize` (:func:`pipeline.mris.knn.knn_synthesize` /
+:func:`~pipeline.mris.knn.knn_synthesize_separate`), :func:`pipeline.mris.evaluate.mean_map_baseline`.
 
 Maps are ``{fc, tc}: N x H x W`` float32 in mm on the atlas grid (left-knee convention), NaN outside the
 atlas footprint.
@@ -23,6 +23,7 @@ import torch
 
 from pipeline.conventions import MAP_KEYS
 from pipeline.mris.data import check_variant
+from pipeline.mris.database import EmbeddingDatabase
 from pipeline.mris.engine import load_mris_network, run_settings
 from pipeline.mris.evaluate import (
     build_mris_database,
@@ -31,7 +32,6 @@ from pipeline.mris.evaluate import (
     mean_map_baseline,
     truth_stack,
 )
-from pipeline.retrieval import EmbeddingDatabase
 
 __all__ = ["MRISSynthesizer", "mean_map", "truth_maps"]
 

@@ -2,7 +2,7 @@
 
 Per example (one row): the radiograph ROI, the true FC / TC thickness maps (mm = network value x 3 mm,
 blank outside the footprint) and the FC / TC maps synthesized by k-NN retrieval
-(:func:`pipeline.retrieval.knn_synthesize`, MRIS-S :func:`pipeline.retrieval.knn_synthesize_separate`)
+(:func:`pipeline.mris.knn.knn_synthesize`, MRIS-S :func:`pipeline.mris.knn.knn_synthesize_separate`)
 with the example's radiograph embedding as the query and the OTHER kept items of the validation batch as
 the database (items of the same subject excluded). It is a within-batch preview, not the evaluation
 (which queries the database split): with a few dozen items it shows whether the retrieval finds
@@ -24,7 +24,7 @@ import torch
 
 from pipeline.conventions import MAP_KEYS, THICKNESS_SCALE_MM
 from pipeline.handlers.panels import Panel, render_panels, to_numpy
-from pipeline.retrieval import knn_synthesize, knn_synthesize_separate
+from pipeline.mris.knn import knn_synthesize, knn_synthesize_separate
 
 __all__ = ["render_examples", "true_maps_mm", "batch_knn_maps"]
 

@@ -1,5 +1,6 @@
-"""Networks: the MRIS dual encoder (radiograph / thickness-map ResNet-18 pair), encoder weight loading and
-self-describing networks (:mod:`pipeline.nets.describe`).
+"""Shared network layer: self-describing networks (:mod:`pipeline.nets.describe`), described MONAI networks
+(:mod:`pipeline.nets.described`) and encoder weight loading (:mod:`pipeline.nets.pretrained`). Each method's
+own network lives in its package (``pipeline.mris.network``, ``pipeline.landmarks.network``, ...).
 
 Names are imported on first use, so ``pipeline.nets.describe`` (torch only) does not pull in MONAI.
 """
@@ -10,9 +11,6 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "PAPER_PARAMETERS": "dual_encoder", "DualEncoder": "dual_encoder", "EncoderPair": "dual_encoder",
-    "ImageEncoder": "dual_encoder", "MRISSeparate": "dual_encoder", "RadiographDualEncoder": "dual_encoder",
-    "RadiographMRISSeparate": "dual_encoder", "count_parameters": "dual_encoder",
     "WeightsMismatchError": "pretrained", "load_encoder_weights": "pretrained", "read_state_dict": "pretrained",
     "DescribedModule": "describe", "network_factory": "describe",
     "DescribedSegResNet": "described", "DescribedUNet": "described",

@@ -22,7 +22,6 @@ another checkpoint, or with other creation info (e.g. the MRIS image size and va
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import shutil
@@ -37,7 +36,8 @@ import torch
 from tqdm import tqdm
 
 from pipeline.conventions import MAP_KEYS
-from pipeline.retrieval.knn import KNNResult, knn_synthesize, knn_synthesize_separate
+from pipeline.io.checkpoints import checkpoint_hash
+from pipeline.mris.knn import KNNResult, knn_synthesize, knn_synthesize_separate
 from pipeline.user_errors import UserInputError
 
 __all__ = [
@@ -66,48 +66,6 @@ class DatabaseFormatError(UserInputError):
 
 class CheckpointMismatchError(UserInputError):
     """A database was built with another model checkpoint (or image size, variant) than the one it is used with."""
-
-
-# --------------------------------------------------------------------------------------------- hashing
-def _hash_update_tensor(h: Any, t: torch.Tensor) -> None:
-    t = t.detach().cpu().contiguous()
-    h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-
-
-def checkpoint_hash(path_or_state_dict: str | os.PathLike | Mapping[str, Any] | torch.nn.Module) -> str:
-    """sha256 hex digest identifying a model checkpoint.
-
-    * a path: sha256 of the file's bytes (streamed);
-    * a state dict (or ``nn.Module``, via its ``state_dict()``): sha256 over the sorted keys with each
-      tensor's dtype, shape and raw bytes (non-tensor values by ``repr``).
-
-    The two kinds of hash differ for the same weights: use the same kind when building and loading.
-    """
-    h = hashlib.sha256()
-    if isinstance(path_or_state_dict, (str, os.PathLike)):
-        path = os.fspath(path_or_state_dict)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint file not found: {path}")
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
-    sd = (
-        path_or_state_dict.state_dict()
-        if isinstance(path_or_state_dict, torch.nn.Module)
-        else path_or_state_dict
-    )
-    if not isinstance(sd, Mapping):
-        raise TypeError(f"expected a path, a state dict or an nn.Module, got {type(sd).__name__}")
-    for key in sorted(sd, key=str):
-        h.update(f"{key}\n".encode())
-        value = sd[key]
-        if isinstance(value, torch.Tensor):
-            _hash_update_tensor(h, value)
-        else:
-            h.update(repr(value).encode())
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------- file names
