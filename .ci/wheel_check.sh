@@ -58,10 +58,11 @@ CONFIGS="$("$V" -m pipeline bundles --configs thickness)"
 test "$CONFIGS" = "$WORK/venv/share/kneeoa-pipeline/bundles/thickness/configs"
 
 step "thickness bundle inference from the installed configs"
-"$V" -m monai.bundle run inference --config_file "$CONFIGS/inference.json" --input cohort/manifest.csv \
-    --output_dir maps --png False
-N_MAPS=$(find maps -name "*.npy" | wc -l)
-echo "maps: $N_MAPS .npy files in maps/"
+SHARE_FILES_BEFORE=$(find "$WORK/venv/share/kneeoa-pipeline" | wc -l)
+# default output folder: bundle_root = ./bundles/thickness for an installed package, never the install itself
+"$V" -m monai.bundle run inference --config_file "$CONFIGS/inference.json" --input cohort/manifest.csv --png False
+N_MAPS=$(find bundles/thickness/maps -name "*.npy" | wc -l)
+echo "maps: $N_MAPS .npy files in bundles/thickness/maps/"
 test "$N_MAPS" -gt 0
 
 step "transforms, manifest schema, demo configs, README transforms example"
@@ -90,7 +91,7 @@ assert bundle_root("mris") == str(Path.cwd() / "bundles" / "mris")  # outputs: h
 print(f"ok: pipeline from {Path(pipeline.__file__).parent}, {len(df)} manifest rows, schema {manifest_schema_path()}")
 EOF
 "$V" "$REPO/.ci/readme_example.py" "$REPO/README.md"
-if [ -e "$WORK/venv/share/kneeoa-pipeline/bundles/thickness/maps" ]; then
+if [ "$(find "$WORK/venv/share/kneeoa-pipeline" | wc -l)" != "$SHARE_FILES_BEFORE" ]; then
     echo "error: the bundle wrote into the installed package"; exit 1
 fi
 step "passed"

@@ -14,11 +14,12 @@ Two questions, two helpers:
   package, ``./bundles/<name>`` under the CURRENT directory: outputs never go into site-packages or
   ``<prefix>/share``. ``--bundle_root DIR`` moves a whole run elsewhere (the demo does).
 * Under ``bundle_root``: ``models/`` (checkpoints), ``eval/`` (evaluation reports), ``runs/`` (TensorBoard),
-  ``inference/`` (inference outputs), ``database/`` (MRIS embedding database); all git-ignored.
+  ``inference/`` (inference outputs; dess_seg ``predictions/``, thickness ``maps/``), ``database/`` (MRIS embedding database); all git-ignored.
 * Data files (``data_manifests/``: the manifest schema, an example manifest): :func:`data_manifests_dir`,
   the repository's folder or the installed copy; :func:`manifest_schema_path` for the schema.
-* Data defaults: :data:`DEFAULT_MANIFEST` (the cohort written by ``make demo``), relative to the current
-  directory like any path a user types; ``--manifest`` or ``--dataset_dir`` override it.
+* Data defaults: :data:`DEFAULT_MANIFESTS` (the cohorts ``make demo`` writes: the MR cohort for kneel and
+  dess_seg, the 160-subject radiograph + map cohort for MRIS and direct synthesis), relative to the current
+  directory like any path a user types; ``--manifest`` (or ``--dataset_dir`` for inference) overrides them.
 """
 
 from __future__ import annotations
@@ -29,11 +30,17 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["DEFAULT_MANIFEST", "DIST_NAME", "bundle_configs", "bundle_names", "bundle_root", "bundles_dir",
+__all__ = ["DEFAULT_MANIFESTS", "DIST_NAME", "bundle_configs", "bundle_names", "bundle_root", "bundles_dir",
            "data_manifests_dir", "installed_data_dir", "manifest_schema_path", "repository_root"]
 
-#: The default knee-visit manifest of every training / evaluation config (written by ``make demo``).
-DEFAULT_MANIFEST = "demo_output/cohort/manifest.csv"
+#: The default knee-visit manifest of each bundle's training / evaluation configs (``make demo`` writes both
+#: cohorts; tests/test_bundle_user_errors.py checks the configs against this table).
+DEFAULT_MANIFESTS = {
+    "dess_seg": "demo_output/cohort/manifest.csv",
+    "kneel": "demo_output/cohort/manifest.csv",
+    "mris": "demo_output/mris_cohort/manifest.csv",
+    "direct_synthesis": "demo_output/mris_cohort/manifest.csv",
+}
 #: The distribution name; an installed wheel puts ``bundles/`` and ``data_manifests/`` under
 #: ``<prefix>/share/<DIST_NAME>/`` (setup.cfg ``[options.data_files]``).
 DIST_NAME = "kneeoa-pipeline"

@@ -74,7 +74,7 @@ def test_users_training_command_prints_one_line_and_exits_nonzero(tmp_path):
     assert r.returncode == 1
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, r.stderr
-    assert "demo_output/cohort/manifest.csv" in errors[0] and "python -m pipeline cohort" in errors[0]
+    assert "demo_output/mris_cohort/manifest.csv" in errors[0] and "python -m pipeline cohort" in errors[0]
     assert "Traceback" not in r.stderr + r.stdout
     assert list(tmp_path.iterdir()) == []
     assert sorted(p.name for p in (BUNDLES / "mris").iterdir()) == before
@@ -119,3 +119,13 @@ def test_every_runnable_config_has_the_default_run_id(path):
         return
     assert "run" in cfg, f"{path}: no 'run' id (MONAI's default)"
     assert cfg["run"] == cfg[named[0]]
+
+
+@pytest.mark.parametrize("bundle", ["dess_seg", "kneel", "mris", "direct_synthesis"])
+def test_default_manifests_are_the_documented_ones(bundle):
+    from pipeline.bundle_paths import DEFAULT_MANIFESTS
+
+    for name in ("train.json", "evaluate.json"):
+        cfg = json.loads((BUNDLES / bundle / "configs" / name).read_text())
+        if "manifest" in cfg:
+            assert cfg["manifest"] == DEFAULT_MANIFESTS[bundle], (bundle, name)

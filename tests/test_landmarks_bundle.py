@@ -43,7 +43,7 @@ def test_training_writes_self_describing_checkpoints(kneel_models):
         net = load_landmark_model(out / "models" / stage / "model.pt")
         assert net.spec.stage == stage and net.spec.canvas_size == size and net.arch["n_points"] == n
         assert (out / "models" / stage / "checkpoint_final.pt").is_file()
-        assert list((out / "logs" / stage).glob("events.out.tfevents*"))
+        assert list((out / "runs" / stage).glob("events.out.tfevents*"))
 
 
 def test_evaluate_reports_groups_recall_and_mris_roi_offset(kneel_models):

@@ -52,7 +52,7 @@ def test_training_cli_writes_checkpoints_and_finite_metric(trained):
     vals = [float(v) for v in re.findall(r"val_recall_sum: ([0-9.naif]+)", log)]
     assert len(vals) >= 2 and all(math.isfinite(v) and 0.0 <= v <= 300.0 for v in vals), log[-2000:]
     assert re.search(r"train_loss: [0-9.]+", log)
-    assert list((out / "eval").glob("events.out.tfevents*"))
+    assert list((out / "runs").glob("events.out.tfevents*"))
 
 
 def test_resume_continues_from_final_checkpoint(trained, tmp_path):

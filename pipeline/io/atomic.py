@@ -17,6 +17,18 @@ from typing import Iterator
 PARTIAL = ".partial"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _default_mode(path: Path, directory: bool = False) -> None:
+    """Give a ``mkstemp`` / ``mkdtemp`` temporary (created 0600 / 0700) the mode a plain ``open`` / ``mkdir``
+    would give (0666 / 0777 less the umask), so that results stay readable by colleagues and PACS tools."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to ``target``; on success rename it to ``target``.
@@ -32,6 +44,8 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.is_file():
+            _default_mode(tmp_path)
         os.replace(tmp_path, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -56,6 +70,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=PARTIAL, dir=target.parent))
     try:
         yield tmp
+        _default_mode(tmp, directory=True)
         if target.exists():
             old = target.with_name(f".{target.name}.old{PARTIAL}")
             if old.exists():
