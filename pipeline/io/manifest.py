@@ -103,20 +103,32 @@ def _check_value(val, kind: str, spec: dict, root, check_path: bool) -> Optional
     return None
 
 
-def load_manifest(path: str | Path, check_paths: Sequence[str] = (), schema: Optional[dict] = None) -> pd.DataFrame:
+def load_manifest(path: str | Path, check_paths: Sequence[str] = (), schema: Optional[dict] = None,
+                  require_columns: Sequence[str] = (), allow_empty: bool = False) -> pd.DataFrame:
     """Read and validate a knee-visit CSV manifest; raise :class:`ManifestError` listing every problem.
 
     Relative paths are resolved against the manifest's folder; the returned frame carries that folder in
     ``df.attrs["root"]``. ``check_paths`` names path columns whose files must exist (e.g. ``["fc_map"]``).
+    ``require_columns``: columns the caller needs although the schema makes them optional (e.g.
+    ``["labels_nifti"]`` for thickness maps). An empty file (no header) is always an error; a file with a header
+    and no rows is one unless ``allow_empty``.
     """
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"manifest not found: {path}")
     try:
         df = pd.read_csv(path, dtype={"subject_id": str, "side": str, "study_date": str}, keep_default_na=True)
+    except pd.errors.EmptyDataError:
+        raise ManifestError(f"{path}: the file is empty (no header line, no rows); a manifest is a CSV with a "
+                            f"header line (subject_id, side, visit_month, ...) and one row per knee-visit") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise ManifestError(f"{path}: not a readable CSV ({e})") from None
     problems = validate_manifest(df, root=path.parent, schema=schema, check_paths=check_paths, name=str(path))
+    absent = [c for c in require_columns if c not in df.columns]
+    if absent and not problems:
+        problems = [f"{path}: missing column(s) {absent} needed here; present: {list(df.columns)}"]
+    if not problems and len(df) == 0 and not allow_empty:
+        problems = [f"{path}: a header line but no rows (row 2 is missing); add one row per knee-visit"]
     if problems:
         more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
         raise ManifestError(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems[:MAX_REPORTED]) + more)
