@@ -21,7 +21,6 @@ scheduler state for resuming, not needed to evaluate or run the model).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Optional, Union
@@ -29,6 +28,7 @@ from typing import Optional, Union
 import yaml
 
 from pipeline.io.atomic import write_text_atomic
+from pipeline.io.checkpoints import checkpoint_hash
 
 __all__ = ["HASH_TYPE", "LARGE_FILES_NAME", "large_files_manifest", "listed_paths", "sha256_file", "write_large_files"]
 
@@ -42,12 +42,8 @@ PathLike = Union[str, Path]
 
 
 def sha256_file(path: PathLike) -> str:
-    """sha256 hex digest of a file's bytes (streamed)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """sha256 hex digest of a file's bytes (:func:`pipeline.io.checkpoints.checkpoint_hash` of a path)."""
+    return checkpoint_hash(Path(path))
 
 
 def listed_paths(bundle_dir: PathLike) -> list[str]:

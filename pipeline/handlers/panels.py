@@ -14,11 +14,12 @@ import numpy as np
 import torch
 
 from pipeline.conventions import THICKNESS_SCALE_MM
+from pipeline.io.results import DEFAULT_VMAX_MM
 
 __all__ = ["MAP_VMAX_MM", "LABEL_COLOURS", "Panel", "PointSet", "render_panels", "to_numpy", "network_to_mm"]
 
 #: Upper end of the colour scale of every thickness-map panel (mm).
-MAP_VMAX_MM = 4.0
+MAP_VMAX_MM = DEFAULT_VMAX_MM  # one colour scale for every map panel and PNG
 MAP_CMAP = "viridis"
 #: RGBA of DESS labels 1-4 (femur, femoral cartilage, tibia, tibial cartilage); 0 is transparent.
 LABEL_COLOURS: dict[int, tuple[float, float, float, float]] = {

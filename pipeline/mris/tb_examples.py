@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.conventions import MAP_KEYS, THICKNESS_SCALE_MM
-from pipeline.handlers.panels import Panel, render_panels, to_numpy
+from pipeline.conventions import MAP_KEYS
+from pipeline.handlers.panels import Panel, network_to_mm, render_panels, to_numpy
 from pipeline.mris.knn import knn_synthesize, knn_synthesize_separate
 
 __all__ = ["render_examples", "true_maps_mm", "batch_knn_maps"]
@@ -40,9 +40,8 @@ def true_maps_mm(batch: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[
         raw = {k: to_numpy(batch[k])[:, 0] for k in MAP_KEYS}
     maps, masks = {}, {}
     for k, v in raw.items():
-        mm = v * THICKNESS_SCALE_MM
-        masks[k] = (mm > 0).any(0)
-        maps[k] = np.where(masks[k][None], mm, np.nan).astype(np.float32)
+        masks[k] = (v > 0).any(0)
+        maps[k] = network_to_mm(v, np.broadcast_to(masks[k][None], v.shape)).astype(np.float32)
     return maps, masks
 
 
