@@ -7,7 +7,11 @@
 * :func:`run_knees`: the fault-tolerant loop. For every knee: the ``preprocessing`` chain on
   ``{"image": path, "centre": (x, y), "side": "R"|"L"}``, the method's ``predict(x)`` on the ``1 x 1 x S x S``
   input, the ``writer`` (default :class:`KneeMapWriter`); one bad file or knee becomes a failure row with its
-  reason and never stops the others.
+  reason and never stops the others. Before a knee is used its radiograph is checked
+  (:func:`pipeline.io.validate.radiograph_problems`): implausible pixel spacing, a blank image or a joint centre
+  outside the image -> a failed row; a modality other than DX / CR -> written but flagged ``low_confidence``
+  (``n_knees_flagged``, not ``n_knees_ok``). Reasons are the root cause (no MONAI "applying transform" wrapper);
+  landmark rows naming files that do not exist get a failed row.
 * Each DICOM is decoded once: with the KNEEL model the knees are found file by file (:class:`KneelKnees`) and
   the chain gets the decoded MetaTensor (``{"image": MetaTensor, ...}``) instead of the path.
 * Each knee's ROI record (:func:`transforms.roi.knee_roi_record`: file, side, flipped, joint centre, ROI size in
@@ -31,7 +35,7 @@ from tqdm import tqdm
 
 from pipeline.conventions import JOINT_CENTRE_IDX, MAP_KEYS
 from pipeline.io.atomic import write_text_atomic
-from pipeline.io.dicom import list_radiographs
+from pipeline.io.dicom import list_radiographs, read_radiograph
 from pipeline.io.results import (
     DEFAULT_VMAX_MM,
     FAILED,
@@ -45,6 +49,7 @@ from pipeline.io.results import (
     save_map_png,
     write_manifest,
 )
+from pipeline.io.validate import describe_exception, radiograph_problems
 from pipeline.user_errors import UserInputError
 from transforms.roi import knee_roi_record
 
@@ -164,15 +169,28 @@ def detect_landmarks(files: list[Path], global_ckpt: Any, local_ckpt: Any = None
 
 
 def _match(files: list[Path], lm: pd.DataFrame) -> list[tuple[Path, list[dict]]]:
+    """The landmark rows of each file: by resolved path; else, for table rows whose path does not exist here
+    (e.g. written on another machine), by file name when exactly one such table file has that name (two
+    folders may hold files of the same name: never give a knee another file's landmarks); a single input file
+    also takes the rows of a table that names one file only. No match -> no rows (a failed row)."""
     by_path: dict[str, list[dict]] = {}
     by_name: dict[str, list[dict]] = {}
+    names: dict[str, set[str]] = {}
     for r in lm.to_dict(orient="records"):
-        by_path.setdefault(str(Path(r["file"]).resolve()) if Path(r["file"]).exists() else r["file"], []).append(r)
-        by_name.setdefault(Path(r["file"]).name, []).append(r)
+        exists = Path(r["file"]).exists()
+        key = str(Path(r["file"]).resolve()) if exists else r["file"]
+        by_path.setdefault(key, []).append(r)
+        if not exists:  # a row naming an existing file belongs to that file only
+            by_name.setdefault(Path(r["file"]).name, []).append(r)
+            names.setdefault(Path(r["file"]).name, set()).add(key)
+    single_table_file = len(by_path) == 1
     out = []
     for f in files:
-        rows = by_path.get(str(f.resolve())) or by_name.get(f.name, []) if len(files) > 1 else (
-            by_path.get(str(f.resolve())) or by_name.get(f.name) or lm.to_dict(orient="records"))
+        rows = by_path.get(str(f.resolve()))
+        if not rows and len(names.get(f.name, ())) == 1:
+            rows = by_name[f.name]
+        if not rows and len(files) == 1 and single_table_file:
+            rows = next(iter(by_path.values()))
         out.append((f, rows or []))
     return out
 
@@ -218,8 +236,9 @@ def write_knee_manifest(out_dir: Path, root: Path, knees: list[dict[str, Any]], 
     notes = dict(notes or {})
     for k in knees:
         files = sorted(p for p in Path(k["folder"]).iterdir() if p.is_file() and not p.name.startswith("."))
-        status = LOW_CONFIDENCE if k.get("landmark_status") == LOW_CONFIDENCE else OK
-        reason = [k.get("landmark_message", "") if status != OK else "", notes.get(k["knee"], "")]
+        status = LOW_CONFIDENCE if k.get("landmark_status") == LOW_CONFIDENCE or k.get("flagged") else OK
+        reason = [k.get("flagged", ""), k.get("landmark_message", "") if k.get("landmark_status") == LOW_CONFIDENCE
+                  else "", notes.get(k["knee"], "")]
         rows.append(manifest_row(k["knee"], status, "; ".join(r for r in reason if r), files, out_dir,
                                  {"file": k["file"], "side": k["side"]}))
     for fl in failures:
@@ -254,10 +273,42 @@ def find_knees(input: str | Path, landmarks: Any = None, kneel_global_ckpt: Any 
     files = list_radiographs(input) if input.is_dir() else [input]
     if _given(landmarks) or not _given(kneel_global_ckpt):
         lm = read_landmarks(landmarks, root)  # raises LandmarksRequiredError when neither is given
-        return KneeRun(input, root, files, _match(files, lm), "table")
+        jobs = _match(files, lm)
+        problems: dict[str, str] = {}
+        if input.is_dir() and len(lm):  # rows naming files that do not exist: a failed row each, not ignored
+            for name, group in lm.groupby("file", sort=True):
+                f = Path(str(name))
+                if not f.exists():
+                    f = f if f.is_absolute() else root / f
+                    jobs.append((f, []))
+                    problems[str(f.resolve())] = (f"file not found: {name} (listed in the landmarks table "
+                                                  f"{landmarks}, sides {', '.join(map(str, group['side']))})")
+        return KneeRun(input, root, files, jobs, "table", problems)
     jobs = KneelKnees(files, kneel_global_ckpt, kneel_local_ckpt, device)  # each file decoded once, in run_knees
     source = {"kneel_global_ckpt": str(kneel_global_ckpt), "kneel_local_ckpt": str(kneel_local_ckpt)}
     return KneeRun(input, root, files, jobs, source, jobs.problems)
+
+
+def _decode_once(f: Path, rows: list[dict]) -> tuple[Any, str]:
+    """The radiograph of ``f`` as the ``(1, H, W)`` MetaTensor (decoded while its knees were found, else read here,
+    spacing not required: the chain's loader decides) and "" -- or (None, the reason it cannot be read)."""
+    from transforms.radiograph_io import radiograph_metatensor
+
+    if rows and rows[0].get("image") is not None:
+        return rows[0]["image"], ""
+    try:
+        image, meta = read_radiograph(f, allow_missing_spacing=True)
+    except Exception as e:  # noqa: BLE001 - reported as the file's failure rows
+        logger.warning("cannot read %s: %s", f, describe_exception(e))
+        logger.debug("cannot read %s", f, exc_info=True)
+        return None, describe_exception(e)
+    return radiograph_metatensor(image, meta), ""
+
+
+def _finite_or_none(m: np.ndarray) -> float | None:
+    """Mean of the finite values in mm, or None (valid JSON) for a map without any."""
+    m = np.asarray(m, dtype=np.float64)
+    return float(m[np.isfinite(m)].mean()) if np.isfinite(m).any() else None
 
 
 def knee_name(f: Path, root: Path, side: str) -> str:
@@ -285,26 +336,38 @@ def run_knees(run: KneeRun, preprocessing: Callable[[dict], dict],
             failures.append({"file": str(f), "error": run.problems.get(
                 str(f.resolve()), "no landmarks for this file in the landmarks table")})
             continue
+        decoded, read_error = _decode_once(f, rows)
         for r in rows:
             name = knee_name(f, run.root, r["side"])
+            if read_error:
+                failures.append({"file": str(f), "side": r["side"], "error": read_error})
+                continue
+            errors, flags = radiograph_problems(decoded, decoded.meta, (r["x"], r["y"]))
+            if errors:  # garbage in: a failed row with the reason, never maps that look fine
+                failures.append({"file": str(f), "side": r["side"], "error": "implausible input: " + "; ".join(errors)})
+                logger.warning("%s skipped %s (%s): %s", desc, f, r["side"], "; ".join(errors))
+                continue
             try:
-                img = r.get("image", str(f))  # the radiograph decoded while its knees were found, else its path
-                x = preprocessing({"image": img, "centre": (r["x"], r["y"]), "side": r["side"]})["image"]
+                x = preprocessing({"image": decoded, "centre": (r["x"], r["y"]), "side": r["side"]})["image"]
                 roi = knee_roi_record(x)
                 x = torch.as_tensor(x).as_subclass(torch.Tensor).float()[None]
                 maps, extras = predict(x)
-            except Exception as e:  # one bad file must not stop the others
-                failures.append({"file": str(f), "side": r["side"], "error": f"{type(e).__name__}: {e}"})
-                logger.warning("%s failed for %s (%s): %s", desc, f, r["side"], e)
+                extras = dict(extras)
+                kdir = writer(out_dir, name, maps, roi=roi, **{"source": str(f), **extras.pop("writer_args", {})})
+            except Exception as e:  # one bad file (or a failed write) must not stop the others
+                failures.append({"file": str(f), "side": r["side"], "error": describe_exception(e)})
+                logger.warning("%s failed for %s (%s): %s", desc, f, r["side"], describe_exception(e))
+                logger.debug("%s failed for %s (%s)", desc, f, r["side"], exc_info=True)
                 continue
-            extras = dict(extras)
-            kdir = writer(out_dir, name, maps, roi=roi, **{"source": str(f), **extras.pop("writer_args", {})})
             lm_info = {k: r[k] for k in ("landmark_status", "landmark_confidence", "landmark_message") if k in r}
+            if flags:  # e.g. a CT / MR file: written, but flagged and not counted as ok
+                lm_info["flagged"] = "; ".join(flags)
             knees.append({"knee": name, "file": str(f), "side": r["side"], "centre_xy": [r["x"], r["y"]], **lm_info,
-                          "folder": str(kdir), "mean_thickness_mm": {kk: float(np.nanmean(maps[kk])) for kk in MAP_KEYS},
+                          "folder": str(kdir), "mean_thickness_mm": {kk: _finite_or_none(maps[kk]) for kk in MAP_KEYS},
                           "roi": roi, **extras})
-    result = {**summary, "landmarks_source": run.source, "n_files": len(run.files), "n_knees_ok": len(knees),
-              "n_failed": len(failures), "knees": knees, "failures": failures}
+    n_flagged = sum(1 for k in knees if k.get("flagged"))
+    result = {**summary, "landmarks_source": run.source, "n_files": len(run.files),
+              "n_knees_ok": len(knees) - n_flagged, "n_knees_flagged": n_flagged, "n_failed": len(failures), "knees": knees, "failures": failures}
     write_text_atomic(out_dir / "summary.json", json.dumps(result, indent=2, default=str))
     write_knee_manifest(out_dir, run.root, knees, failures, getattr(writer, "notes", None))
     return result

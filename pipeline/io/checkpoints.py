@@ -79,6 +79,32 @@ def _one_line(text: Any, limit: int = 200) -> str:
     return " ".join(str(text).split())[:limit]
 
 
+def _unreadable_kind(p: Path) -> str:
+    """Why torch cannot read ``p``, from its first bytes: truncated (a torch zip / pickle cut short), empty, or not
+    a checkpoint at all (text, another format)."""
+    import zipfile
+
+    try:
+        size = p.stat().st_size
+        with open(p, "rb") as fh:
+            head = fh.read(64)
+    except OSError as e:
+        return f"cannot be opened ({e.strerror})"
+    if size == 0:
+        return "not a checkpoint: the file is empty (0 bytes; an interrupted copy or save?)"
+    if head.startswith(b"PK"):
+        if not zipfile.is_zipfile(p):
+            return f"truncated checkpoint: a torch.save zip archive cut short ({size} bytes); copy or save it again"
+        return "not a readable torch checkpoint: a zip archive without a valid torch.save layout"
+    if head[:1] == b"\x80":
+        return f"truncated or corrupt checkpoint: a legacy torch.save pickle that cannot be read ({size} bytes)"
+    try:
+        text = head.decode("utf-8")
+        return f"not a checkpoint: a text file (starts with {text[:30]!r})"
+    except UnicodeDecodeError:
+        return f"not a checkpoint: not a file written by torch.save (starts with bytes {head[:8].hex()})"
+
+
 def read_state_dict(path: PathLike, train: Optional[str] = None) -> dict[str, Any]:
     """The network state dict stored in the checkpoint file ``path`` (module docstring), keys without ``module.``.
 
@@ -90,8 +116,8 @@ def read_state_dict(path: PathLike, train: Optional[str] = None) -> dict[str, An
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to unpickle means "not a usable checkpoint file"
-        raise CheckpointReadError(f"{p}: not a readable torch checkpoint (truncated, or not written by torch.save): "
-                                  f"{type(e).__name__}: {_one_line(e)}") from None
+        raise CheckpointReadError(f"{p}: {_unreadable_kind(p)} ({type(e).__name__}: {_one_line(e) or 'no detail'})."
+                                  f"{_hint(train)}") from None
     if isinstance(obj, Mapping):
         obj = next((obj[k] for k in NESTED_KEYS if isinstance(obj.get(k), Mapping)), obj)
     if not isinstance(obj, Mapping) or not any(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -31,6 +31,9 @@ grayscale image, no pixel spacing, corrupt pixel data).
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -82,21 +85,40 @@ def list_radiographs(folder: PathLike) -> list[Path]:
 
     A file counts if it carries the ``DICM`` preamble marker, or if its extension is ``.dcm`` /
     ``.dicom`` / ``.dic`` / none (OAI stores the radiograph as ``<visit folder>/001``). ``DICOMDIR``
-    index files and hidden files are skipped.
+    index files and hidden files are skipped. Dangling symbolic links and link loops are listed (not skipped),
+    so that reading them fails with a row that says so.
     """
     folder = Path(folder)
     out = []
     for p in sorted(folder.iterdir()):
-        if not p.is_file() or p.name.startswith(".") or p.name.upper() == "DICOMDIR":
+        if p.name.startswith(".") or p.name.upper() == "DICOMDIR":
+            continue
+        if p.is_symlink() and _link_problem(p):  # dangling link or loop: listed, so that it gets a row with why
+            out.append(p)
+            continue
+        if not p.is_file():
             continue
         if has_dicm_preamble(p) or p.suffix.lower() in _DICOM_EXTENSIONS:
             out.append(p)
     return out
 
 
+def _link_problem(p: Path) -> str:
+    """Why the symbolic link ``p`` cannot be followed ("" when it can)."""
+    try:
+        os.stat(p)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"symbolic link loop ({p} -> {os.readlink(p)})"
+        return f"dangling symbolic link ({p} -> {os.readlink(p)}: target not found)"
+    return ""
+
+
 def resolve_radiograph_path(path: PathLike) -> Path:
     """The file to read for ``path``: ``path`` itself, or the single radiograph file inside a folder."""
     p = Path(path)
+    if p.is_symlink() and _link_problem(p):
+        raise RadiographReadError(p, _link_problem(p))
     if not p.exists():
         raise RadiographReadError(p, "file not found")
     if p.is_dir():
@@ -114,7 +136,41 @@ def resolve_radiograph_path(path: PathLike) -> Path:
     return p
 
 
+class _QuietTracebacks(logging.Filter):
+    """pydicom logs a decoder failure at ERROR with its full traceback before it raises; we catch that exception
+    and report it in ONE line (a ``failed`` row naming the file and the reason), so the library's record is
+    dropped unless DEBUG is on (``logging.getLogger("pipeline.io.dicom").setLevel(logging.DEBUG)``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and not logging.getLogger(__name__).isEnabledFor(logging.DEBUG):
+            return False
+        return True
+
+
+_QUIET = _QuietTracebacks()
+
+
+@contextlib.contextmanager
+def quiet_pydicom():
+    """While a file is read here: pydicom's failure records with tracebacks go only to DEBUG (see above)."""
+    import pydicom.pixels  # noqa: F401 - creates the decoder loggers, so that they get the filter
+    names = ["pydicom"] + [n for n in list(logging.Logger.manager.loggerDict) if n.startswith("pydicom.")]
+    loggers = [logging.getLogger(n) for n in names]
+    for lg in loggers:
+        lg.addFilter(_QUIET)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(_QUIET)
+
+
 def _dcmread(path: Path):
+    with quiet_pydicom():
+        return _dcmread_loud(path)
+
+
+def _dcmread_loud(path: Path):
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -187,6 +243,16 @@ def read_spacing(ds) -> tuple[list[float] | None, str]:
     return None, ""
 
 
+def invalid_spacing(ds) -> str:
+    """``"ImagerPixelSpacing = 0\\0"``-like description of spacing tags that are present but not two positive
+    finite numbers ("" when none): zero, negative, NaN or unparsable values are not "missing"."""
+    bad = []
+    for kw in ("ImagerPixelSpacing", "PixelSpacing"):
+        if kw in ds and ds[kw].value not in (None, "") and _get_float_pair(ds, kw) is None:
+            bad.append(f"{kw} = {_str(ds, kw)}")
+    return "; ".join(bad)
+
+
 def _str(ds, keyword: str) -> str:
     val = ds.get(keyword, "")
     if val is None:
@@ -235,7 +301,8 @@ def read_radiograph(path: PathLike, allow_missing_spacing: bool = False) -> tupl
     p = resolve_radiograph_path(path)
     ds = _dcmread(p)
     try:
-        return _decode(p, ds, allow_missing_spacing)
+        with quiet_pydicom():
+            return _decode(p, ds, allow_missing_spacing)
     except RadiographReadError:
         raise
     except Exception as exc:  # malformed attribute values (bad VR, ...) surface lazily in pydicom
@@ -263,6 +330,9 @@ def _decode(p: Path, ds, allow_missing_spacing: bool) -> tuple[np.ndarray, dict[
 
     spacing, source = read_spacing(ds)
     if spacing is None and not allow_missing_spacing:
+        bad = invalid_spacing(ds)
+        if bad:
+            raise RadiographReadError(p, f"invalid pixel spacing {bad} (must be two positive, finite numbers in mm)")
         raise RadiographReadError(
             p, "no pixel spacing (neither ImagerPixelSpacing nor PixelSpacing; pass allow_missing_spacing=True)"
         )

@@ -70,6 +70,7 @@ from pipeline.io.results import (
     save_figure,
     write_manifest,
 )
+from pipeline.io.validate import radiograph_problems
 from pipeline.landmarks.data import normalise_canvas
 from pipeline.landmarks.engine import LandmarkCheckpointError, load_landmark_model
 from pipeline.landmarks.geometry import LAYOUTS, StageSpec, field_centre, knee_field, make_view, sample_canvas
@@ -283,6 +284,9 @@ class KneeLocaliser:
             return [_error_row(path, f"landmark prediction failed for '{path}': {type(e).__name__}: {e}")], image, meta
 
     def _predict_array(self, path: Path, img: np.ndarray, meta: dict) -> list[dict[str, Any]]:
+        errors, _ = radiograph_problems(img, meta)  # implausible spacing, blank image: no landmarks to trust
+        if errors:
+            return [_error_row(path, f"implausible radiograph '{path}': " + "; ".join(errors))]
         flags_img: list[str] = []
         spacing = tuple(float(s) for s in meta["spacing_mm"])
         if not meta.get("spacing_known", True):

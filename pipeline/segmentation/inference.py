@@ -3,8 +3,12 @@
 :class:`SafeInferenceRunner` is what ``bundles/dess_seg/configs/inference.json`` runs. For each data-list
 entry it applies ``preprocessing`` (load, orient to PIR, flip right knees, scale), sliding-window
 inference, then ``postprocessing`` (softmax/argmax, ``Invertd`` back to the INPUT geometry, ``SaveImaged``).
-Any exception while loading, predicting or saving one item is caught and written to
-``<output_dir>/failures.csv`` (columns ``image, stage, error``); successful items go to
+Before an item is trusted it is checked (:func:`pipeline.io.validate.dess_volume_problems`: a NIfTI read to the
+end -- a truncated file fails --, 3D, finite -- NaN / inf fail --, not blank, voxel size 0.1-5 mm), so garbage is
+a failure (stage ``load``, reason "implausible input: ..."), never a prediction. Any exception while loading,
+predicting or saving one item is caught and written to
+``<output_dir>/failures.csv`` (columns ``image, stage, error``; ``error`` is the ROOT cause, not MONAI's
+"applying transform" wrapper: :func:`pipeline.io.validate.describe_exception`); successful items go to
 ``<output_dir>/predictions.csv`` (``image, side, knee_flipped, output``); both, and the outputs manifest
 ``<output_dir>/outputs.csv`` (:mod:`pipeline.io.results`: one row per item, ``ok`` / ``failed``, its files),
 are written atomically. A tqdm bar shows progress.
@@ -27,6 +31,7 @@ from tqdm.auto import tqdm
 
 from pipeline.io.checkpoints import load_weights
 from pipeline.io.results import FAILED, OK, OUTPUTS_MANIFEST, manifest_row, save_csv, write_manifest
+from pipeline.io.validate import describe_exception, dess_volume_problems
 
 from .transforms import FLIP_META_KEY
 
@@ -77,16 +82,24 @@ class SafeInferenceRunner:
         self.failures: list[dict] = []
 
     def _one(self, item: dict) -> dict:
-        stage = "load"
+        stage = "load"  # reading and checking the input (dess_volume_problems) are part of loading it
         try:
+            problems = dess_volume_problems(item.get("image", ""))  # a NIfTI file: read to the end, 3D, finite
+            if problems:
+                raise _ItemError(stage, "implausible input: " + "; ".join(problems))
             data = self.preprocessing(dict(item))
-            stage = "predict"
             img = data["image"]
+            problems = dess_volume_problems(img)  # also a DICOM series, as loaded (finite, 3D)
+            if problems:
+                raise _ItemError(stage, "implausible input: " + "; ".join(problems))
+            stage = "predict"
             with torch.no_grad():
                 logits = self.inferer(img.unsqueeze(0).to(self.device), self.network)
             data["pred"] = logits[0].detach().cpu()
             stage = "save"
             data = self.postprocessing(data)
+        except _ItemError:
+            raise
         except Exception as e:  # noqa: BLE001 - every per-item failure is recorded, then we go on
             logger.debug("inference failed for %s\n%s", item.get("image"), traceback.format_exc())
             raise _ItemError(stage, describe_exception(e)) from e
@@ -148,18 +161,6 @@ class SafeInferenceRunner:
             logger.warning("DICOM SEG failed for %s: %s", prediction["image"], e)
             return "", f"no DICOM SEG: {describe_exception(e)}"
         return str(target), ""
-
-
-def describe_exception(exc: BaseException, max_chars: int = 300) -> str:
-    """One line ``"Type: first line of message"`` of the ROOT cause (MONAI wraps transform errors in
-    ``RuntimeError("applying transform ...")``), at most ``max_chars`` characters; the full traceback
-    goes to the DEBUG log."""
-    root = exc
-    while root.__cause__ is not None:
-        root = root.__cause__
-    lines = str(root).strip().splitlines()
-    text = f"{type(root).__name__}: {lines[0] if lines else ''}"
-    return " ".join(text.split())[:max_chars]
 
 
 class _ItemError(Exception):
