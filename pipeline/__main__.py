@@ -35,13 +35,15 @@ def _spacing3(text: str) -> tuple[float, float, float]:
 def _cohort_args(p: argparse.ArgumentParser, default_n: int) -> None:
     p.add_argument("--subjects", "-n", type=int, default=default_n, help="number of subjects (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed -> identical files)")
-    p.add_argument("--visits", type=_months, default=(0, 12, 24, 48),
+    # default None = "not given": --tiny fills only the values the user did not pass (see _config)
+    p.add_argument("--visits", type=_months, default=None,
                    help="visit months, comma-separated, from 0,12,24,36,48,72,96 (default 0,12,24,48)")
-    p.add_argument("--missing-rate", type=float, default=0.15, help="probability that a follow-up visit is missing")
-    p.add_argument("--xray-spacing", type=float, default=0.3, help="radiograph pixel spacing in mm (default 0.3)")
-    p.add_argument("--mr-spacing", type=_spacing3, default=(0.7, 0.7, 0.35),
+    p.add_argument("--missing-rate", type=float, default=None,
+                   help="probability that a follow-up visit is missing (default 0.15)")
+    p.add_argument("--xray-spacing", type=float, default=None, help="radiograph pixel spacing in mm (default 0.3)")
+    p.add_argument("--mr-spacing", type=_spacing3, default=None,
                    help="MR voxel size in mm: one value or ML,AP,SI (default 0.7,0.7,0.35)")
-    p.add_argument("--map-size", type=int, default=128, help="thickness-map grid size in cells (default 128)")
+    p.add_argument("--map-size", type=int, default=None, help="thickness-map grid size in cells (default 128)")
     p.add_argument("--monochrome1", type=float, default=0.3, help="fraction of radiographs stored MONOCHROME1")
     p.add_argument("--no-mr-dicom", action="store_true", help="write the DESS volumes as NIfTI only")
     p.add_argument("--no-mr", action="store_true",
@@ -51,16 +53,37 @@ def _cohort_args(p: argparse.ArgumentParser, default_n: int) -> None:
     p.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
 
 
+#: The cohort options --tiny may set: CohortConfig field -> (argparse attribute, flag, default without --tiny).
+_TINY_OPTIONS = {
+    "visits": ("visits", "--visits", (0, 12, 24, 48)),
+    "missing_rate": ("missing_rate", "--missing-rate", 0.15),
+    "xray_spacing_mm": ("xray_spacing", "--xray-spacing", 0.3),
+    "mr_spacing_mm": ("mr_spacing", "--mr-spacing", (0.7, 0.7, 0.35)),
+    "map_size": ("map_size", "--map-size", 128),
+}
+
+
+def _as_tuple(v) -> tuple:
+    return tuple(v) if isinstance(v, (list, tuple)) else (v,)
+
+
 def _config(a: argparse.Namespace):
+    """The CohortConfig of the parsed options. ``--tiny`` sets the coarse test values for every option the user
+    did NOT pass; values the user passed win and are reported on stderr when they differ from the tiny ones.
+    CohortConfig validates the final values."""
     from pipeline.cohort.generate import TINY, CohortConfig
 
-    kw = dict(n_subjects=a.subjects, seed=a.seed, visits=a.visits, missing_rate=a.missing_rate,
-              xray_spacing_mm=a.xray_spacing, mr_spacing_mm=a.mr_spacing, map_size=a.map_size,
-              monochrome1_fraction=a.monochrome1, write_mr=not a.no_mr, write_mr_dicom=not a.no_mr_dicom,
-              write_dxa=not a.no_dxa,
-              workers=a.workers)
-    if a.tiny:
-        kw.update(TINY)
+    kw = dict(n_subjects=a.subjects, seed=a.seed, monochrome1_fraction=a.monochrome1, write_mr=not a.no_mr,
+              write_mr_dicom=not a.no_mr_dicom, write_dxa=not a.no_dxa, workers=a.workers)
+    for field, (attr, flag, default) in _TINY_OPTIONS.items():
+        given = getattr(a, attr, None)
+        if given is not None:
+            kw[field] = given
+            if a.tiny and field in TINY and _as_tuple(given) != _as_tuple(TINY[field]):
+                print(f"note: --tiny keeps your {flag} {given} (the tiny cohort would use {TINY[field]})",
+                      file=sys.stderr)
+        else:
+            kw[field] = TINY[field] if a.tiny and field in TINY else default
     return CohortConfig(**kw)
 
 

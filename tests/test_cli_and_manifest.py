@@ -114,3 +114,19 @@ def test_mris_report_summary_keeps_recall_and_overall_rows():
     assert "| MRIS | 10.0 | 40.0 |" in lines and "| chance | 5.0 | 25.0 |" in lines
     assert "| MRIS-C | fc | all | 0.2 |" in lines and "| mean database map | fc | all | 0.25 |" in lines
     assert not any("0-1" in ln for ln in lines)
+
+
+def test_tiny_keeps_explicit_values_and_says_so(capsys):
+    from pipeline.__main__ import _config, build_parser
+    from pipeline.cohort.generate import TINY
+
+    a = build_parser().parse_args(["cohort", "--out", "x", "--tiny", "--xray-spacing", "0.5", "--visits", "0,12"])
+    cfg = _config(a)
+    assert cfg.xray_spacing_mm == 0.5 and tuple(cfg.visits) == (0, 12)  # what the user passed wins
+    assert cfg.map_size == TINY["map_size"] and tuple(cfg.mr_spacing_mm) == tuple(TINY["mr_spacing_mm"])
+    err = capsys.readouterr().err
+    assert "--tiny keeps your --xray-spacing 0.5" in err and "--visits" in err and "--map-size" not in err
+    plain = _config(build_parser().parse_args(["cohort", "--out", "x"]))
+    assert plain.xray_spacing_mm == 0.3 and plain.map_size == 128 and tuple(plain.visits) == (0, 12, 24, 48)
+    with pytest.raises(ValueError):  # the final values are validated, --tiny or not
+        _config(build_parser().parse_args(["cohort", "--out", "x", "--tiny", "--xray-spacing", "-1"]))
