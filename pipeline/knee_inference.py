@@ -10,7 +10,7 @@
   reason and never stops the others. Before a knee is used its radiograph is checked
   (:func:`pipeline.io.validate.radiograph_problems`): implausible pixel spacing, a blank image or a joint centre
   outside the image -> a failed row; a modality other than DX / CR -> written but flagged ``low_confidence``
-  (``n_knees_flagged``, not ``n_knees_ok``). Reasons are the root cause (no MONAI "applying transform" wrapper);
+  (``n_knees_flagged``, not ``n_knees_ok``; so are knees the landmark model marks low-confidence). Reasons are the root cause (no MONAI "applying transform" wrapper);
   landmark rows naming files that do not exist get a failed row.
 * Each DICOM is decoded once: with the KNEEL model the knees are found file by file (:class:`KneelKnees`) and
   the chain gets the decoded MetaTensor (``{"image": MetaTensor, ...}``) instead of the path.
@@ -365,7 +365,7 @@ def run_knees(run: KneeRun, preprocessing: Callable[[dict], dict],
             knees.append({"knee": name, "file": str(f), "side": r["side"], "centre_xy": [r["x"], r["y"]], **lm_info,
                           "folder": str(kdir), "mean_thickness_mm": {kk: _finite_or_none(maps[kk]) for kk in MAP_KEYS},
                           "roi": roi, **extras})
-    n_flagged = sum(1 for k in knees if k.get("flagged"))
+    n_flagged = sum(1 for k in knees if k.get("flagged") or k.get("landmark_status") == "low_confidence")
     result = {**summary, "landmarks_source": run.source, "n_files": len(run.files),
               "n_knees_ok": len(knees) - n_flagged, "n_knees_flagged": n_flagged, "n_failed": len(failures), "knees": knees, "failures": failures}
     write_text_atomic(out_dir / "summary.json", json.dumps(result, indent=2, default=str))
