@@ -50,7 +50,7 @@ from pipeline.io.results import (
     write_manifest,
 )
 from pipeline.io.validate import describe_exception, radiograph_problems
-from pipeline.user_errors import UserInputError
+from pipeline.user_errors import MissingInputError, UserInputError
 from transforms.roi import knee_roi_record
 
 __all__ = ["KneeMapWriter", "KneeRun", "KneelKnees", "LandmarksRequiredError", "detect_landmarks", "find_knees",
@@ -74,7 +74,8 @@ def read_landmarks(path: str | Path | None, input_root: Path) -> pd.DataFrame:
         )
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"landmarks file not found: {path}")
+        raise MissingInputError(f"landmarks file not found: {path}. Pass --landmarks a CSV with columns file, side, x, y "
+                                "(joint centres in original pixels), or --kneel_global_ckpt to find the knees.")
     df = pd.read_csv(path, dtype={"subject_id": str})
     rows = []
     if "xray_dicom" in df.columns:  # a cohort manifest
@@ -92,7 +93,7 @@ def read_landmarks(path: str | Path | None, input_root: Path) -> pd.DataFrame:
         return pd.DataFrame(rows).drop_duplicates(["file", "side"])
     missing = [c for c in ("file", "side", "x", "y") if c not in df.columns]
     if missing:
-        raise ValueError(f"{path}: missing landmark column(s) {missing}; expected file, side, x, y")
+        raise UserInputError(f"{path}: missing landmark column(s) {missing}; expected file, side, x, y")
     for r in df.itertuples(index=False):
         side = str(r.side).strip().upper()[:1] if isinstance(r.side, str) else ""
         if side not in ("R", "L") or pd.isna(r.x) or pd.isna(r.y):
@@ -268,7 +269,7 @@ def find_knees(input: str | Path, landmarks: Any = None, kneel_global_ckpt: Any 
     (``kneel_global_ckpt`` [+ ``kneel_local_ckpt``]); with neither, :class:`LandmarksRequiredError`."""
     input = Path(input)
     if not input.exists():
-        raise FileNotFoundError(f"input not found: {input}")
+        raise MissingInputError(f"input not found: {input}. Pass --input a DICOM file or a folder of DICOM files.")
     root = input if input.is_dir() else input.parent
     files = list_radiographs(input) if input.is_dir() else [input]
     if _given(landmarks) or not _given(kneel_global_ckpt):

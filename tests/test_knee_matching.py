@@ -39,3 +39,15 @@ def test_mean_thickness_is_none_for_an_all_nan_map():
 
     assert _finite_or_none(np.full((2, 2), np.nan)) is None
     assert _finite_or_none(np.array([[1.0, np.nan], [3.0, np.nan]])) == 2.0
+
+
+def test_missing_landmarks_file_and_input_are_user_errors(tmp_path):
+    import pytest
+
+    from pipeline.knee_inference import find_knees, read_landmarks
+    from pipeline.user_errors import MissingInputError
+
+    with pytest.raises(MissingInputError, match="landmarks file not found.*--landmarks"):
+        read_landmarks(tmp_path / "typo.csv", tmp_path)
+    with pytest.raises(MissingInputError, match="input not found.*--input"):
+        find_knees(tmp_path / "nowhere", landmarks=tmp_path / "typo.csv")

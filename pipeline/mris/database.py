@@ -38,7 +38,11 @@ from tqdm import tqdm
 from pipeline.conventions import MAP_KEYS
 from pipeline.io.checkpoints import checkpoint_hash
 from pipeline.mris.knn import KNNResult, knn_synthesize, knn_synthesize_separate
-from pipeline.user_errors import UserInputError
+from pipeline.user_errors import MissingInputError, UserInputError
+
+#: What to run when an embedding database is missing or incomplete.
+BUILD_HINT = ("Build it with `python -m monai.bundle run evaluating --config_file bundles/mris/configs/evaluate.json` "
+              "(same checkpoint), or pass --database_dir DIR.")
 
 __all__ = [
     "FORMAT_NAME",
@@ -130,9 +134,9 @@ class EmbeddingDatabase:
         folder = Path(folder)
         meta_path = folder / "database.json"
         if not folder.is_dir():
-            raise FileNotFoundError(f"embedding database folder not found: {folder}")
+            raise MissingInputError(f"embedding database folder not found: {folder}. {BUILD_HINT}")
         if not meta_path.is_file():
-            raise FileNotFoundError(f"embedding database {folder}: missing file database.json")
+            raise MissingInputError(f"embedding database {folder}: missing file database.json. {BUILD_HINT}")
         info = json.loads(meta_path.read_text())
         if info.get("format") != FORMAT_NAME or info.get("format_version") != FORMAT_VERSION:
             raise DatabaseFormatError(
@@ -163,7 +167,7 @@ class EmbeddingDatabase:
         )
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
-            raise FileNotFoundError(f"embedding database {folder}: missing files {missing}")
+            raise MissingInputError(f"embedding database {folder}: missing files {missing}. {BUILD_HINT}")
 
         mode = "r" if mmap else None
         embeddings = {k: np.load(folder / embedding_file(k), mmap_mode=mode) for k in emb_keys}
