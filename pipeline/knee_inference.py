@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,17 +209,23 @@ class KneeMapWriter(MapResultWriter):
     def __init__(self, png: bool = True, vmax: float | None = DEFAULT_VMAX_MM, label: str = "synthesized",
                  dicom: bool = False, model: str = "kneeoa-pipeline") -> None:
         super().__init__(png=png, dicom=dicom, vmax=vmax, label=label, model=model)
+        #: ``{knee name: [files this writer wrote]}`` for the outputs manifest (leftovers of earlier runs in
+        #: the same folder are not this run's outputs).
+        self.written: dict[str, list[Path]] = {}
 
     def __call__(self, out_dir: Path, name: str, maps: Mapping[str, np.ndarray],
                  neighbours: pd.DataFrame | None = None, roi: Mapping[str, Any] | None = None,
                  source: Any = None, **record: Any) -> Path:
         kdir = Path(out_dir) / name
         kdir.mkdir(parents=True, exist_ok=True)
+        files: list[Path] = []
         if neighbours is not None:
-            save_csv(kdir / "neighbours.csv", neighbours)
+            files.append(save_csv(kdir / "neighbours.csv", neighbours))
         if roi is not None:
             write_text_atomic(kdir / "roi.json", json.dumps(roi, indent=1, default=_jsonable))
-        self.write_maps(kdir, name, {kk: maps[kk] for kk in MAP_KEYS}, source=source)
+            files.append(kdir / "roi.json")
+        files += self.write_maps(kdir, name, {kk: maps[kk] for kk in MAP_KEYS}, source=source)
+        self.written[name] = files
         return kdir
 
 
@@ -228,15 +234,20 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_knee_manifest(out_dir: Path, root: Path, knees: list[dict[str, Any]], failures: list[dict[str, Any]],
-                        notes: Mapping[str, str] | None = None) -> pd.DataFrame:
+                        notes: Mapping[str, str] | None = None,
+                        written: Mapping[str, Sequence[Path]] | None = None) -> pd.DataFrame:
     """The outputs manifest of a :func:`run_knees` run (``outputs.csv``, :mod:`pipeline.io.results`): one row per
-    knee (``ok``, or ``low_confidence`` when the landmark model flagged it; outputs = the files of its folder;
+    knee (``ok``, or ``low_confidence`` when the landmark model flagged it; outputs = the files the writer
+    reports in ``written``, else, for a writer that reports none, the files of the knee's folder;
     ``notes``: the writer's remarks per knee, e.g. why it wrote no DICOM) and per failed file / knee
     (``failed``, the error)."""
     rows = []
     notes = dict(notes or {})
     for k in knees:
-        files = sorted(p for p in Path(k["folder"]).iterdir() if p.is_file() and not p.name.startswith("."))
+        if written is not None and k["knee"] in written:
+            files = sorted(Path(p) for p in written[k["knee"]])
+        else:
+            files = sorted(p for p in Path(k["folder"]).iterdir() if p.is_file() and not p.name.startswith("."))
         status = LOW_CONFIDENCE if k.get("landmark_status") == LOW_CONFIDENCE or k.get("flagged") else OK
         reason = [k.get("flagged", ""), k.get("landmark_message", "") if k.get("landmark_status") == LOW_CONFIDENCE
                   else "", notes.get(k["knee"], "")]
@@ -370,5 +381,6 @@ def run_knees(run: KneeRun, preprocessing: Callable[[dict], dict],
     result = {**summary, "landmarks_source": run.source, "n_files": len(run.files),
               "n_knees_ok": len(knees) - n_flagged, "n_knees_flagged": n_flagged, "n_failed": len(failures), "knees": knees, "failures": failures}
     write_text_atomic(out_dir / "summary.json", json.dumps(result, indent=2, default=str))
-    write_knee_manifest(out_dir, run.root, knees, failures, getattr(writer, "notes", None))
+    write_knee_manifest(out_dir, run.root, knees, failures, getattr(writer, "notes", None),
+                        getattr(writer, "written", None))
     return result

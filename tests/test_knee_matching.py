@@ -51,3 +51,20 @@ def test_missing_landmarks_file_and_input_are_user_errors(tmp_path):
         read_landmarks(tmp_path / "typo.csv", tmp_path)
     with pytest.raises(MissingInputError, match="input not found.*--input"):
         find_knees(tmp_path / "nowhere", landmarks=tmp_path / "typo.csv")
+
+
+def test_outputs_manifest_lists_only_what_this_run_wrote(tmp_path):
+    import numpy as np
+
+    from pipeline.knee_inference import KneeMapWriter, write_knee_manifest
+
+    kdir = tmp_path / "knee_R"
+    kdir.mkdir()
+    (kdir / "fc.dcm").write_bytes(b"left by an earlier --dicom run")
+    writer = KneeMapWriter(png=False)
+    maps = {"fc": np.ones((4, 4), np.float32), "tc": np.full((4, 4), np.nan, np.float32)}
+    writer(tmp_path, "knee_R", maps)
+    knees = [{"knee": "knee_R", "file": "a.dcm", "side": "R", "folder": str(kdir), "landmark_status": "ok"}]
+    df = write_knee_manifest(tmp_path, tmp_path, knees, [], writer.notes, writer.written)
+    listed = str(df.loc[0, "outputs"])
+    assert "fc.npy" in listed and "tc.npy" in listed and "fc.dcm" not in listed
