@@ -1,25 +1,44 @@
-"""Benchmark: k-NN synthesis, our chunked ``torch.topk`` vs the reference approach (numpy dot + full argsort).
+"""Benchmark: exact k-NN search (default) and k-NN synthesis (``--mode synthesis``).
 
-For each database size N, two fresh subprocesses (one per method) build the same synthetic data
-(seeded): N x D float32 unit embeddings, N x S x S float16 maps in mm (stored like the database, 0 outside
-a footprint mask) and Q query embeddings. Each process then resets its peak-RSS counter, runs the
-method once on all Q queries (k = 20, synthesized maps in float32), and reports
+``--mode search`` (default; issue 16 item 5): one process, ``--threads`` threads, synthetic seeded float32
+unit embeddings (``--n`` database rows x ``--dim``, ``--queries`` queries near random database rows), k = 20.
+Times, each the fastest of ``--repeats`` interleaved rounds (the numpy reference runs once: it is slow):
+
+* ``ours``: :func:`pipeline.mris.knn.cosine_topk` with its defaults (``backend="auto"``: faiss when
+  installed, else torch; the database passed as a plain array, normalised and indexed inside the call);
+* ``ours torch``: the same with ``backend="torch"`` (blocked ``torch.mm`` + ``torch.topk``);
+* ``ours memmap``: ``ours`` on the database opened with ``np.load(mmap_mode="r")`` (``--memmap``);
+* ``plain torch``: one ``torch.topk(q @ db.T, k)`` over the whole ``Q x N`` matrix (pre-normalised tensors);
+* ``faiss search``: ``IndexFlatIP.search`` on a pre-built index of the normalised database (search only);
+  ``faiss add+search``: building that index included;
+* ``numpy``: ``cosine_topk(backend="numpy")``, the brute-force full-``argsort`` reference.
+
+Then the ratios ours / faiss, ours / plain torch and ours / numpy, and whether every method returned the
+same neighbour indices (in the same order) as the numpy reference.
+
+``--mode synthesis``: the end-to-end synthesis benchmark (neighbours + weighted map average) against the
+public MRIS code's approach. For each database size N, two fresh subprocesses (one per method) build the same
+synthetic data (seeded): N x D float32 unit embeddings, N x S x S float16 maps in mm (stored like the
+database, 0 outside a footprint mask) and Q query embeddings. Each process then resets its peak-RSS counter,
+runs the method once on all Q queries (k = 20, synthesized maps in float32), and reports
 
 * queries per second (wall clock of the method only; data generation excluded);
 * peak memory of the method = the kernel's peak RSS during the run minus the RSS just before it (the
   peak counter ``VmHWM`` is reset through ``/proc/self/clear_refs`` after the data is built; where that is
   not possible the lifetime ``ru_maxrss`` is used and the script says so). The data and the libraries are
   in the baseline, so this is the extra memory the method needs on top of the loaded database, counted by
-  the kernel for numpy and torch allocations alike;
+  the kernel for numpy and torch alike;
 * a checksum of the neighbour indices, so both methods are shown to find the same neighbours.
 
 The reference method (as the MRIS public code does it): for each query, ``sims = db @ q``,
 ``order = argsort(sims)[::-1][:k]``, weights ``s / sum(s)``, weighted sum of the neighbour maps.
-
 Each (N, method) runs in ``--repeats`` fresh processes (default 2): the table shows the fastest time and the
 LARGEST peak (the peak varies between identical runs with the allocator's per-thread arenas).
 
-Usage:  python benchmarks/bench_knn.py [--sizes 10000 100000] [--queries 1000] [--map-size 64] [--repeats 2]
+Usage:
+    python benchmarks/bench_knn.py [--n 100000] [--queries 1000] [--dim 512] [--k 20] [--repeats 3] [--memmap]
+    python benchmarks/bench_knn.py --quick            # 200 queries x 20,000 rows, 2 rounds
+    python benchmarks/bench_knn.py --mode synthesis [--sizes 10000 100000] [--queries 1000] [--map-size 64]
 """
 
 from __future__ import annotations
@@ -30,6 +49,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -137,28 +157,101 @@ def worker(args) -> None:
     )
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="database sizes N")
-    p.add_argument("--queries", type=int, default=1000)
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--map-size", type=int, default=64, help="maps are S x S (paper grid: 310)")
-    p.add_argument("--k", type=int, default=20)
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--repeats",
-        type=int,
-        default=2,
-        help="fresh subprocesses per (N, method); the fastest time and the LARGEST peak are shown",
-    )
-    p.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)
-    p.add_argument("--n", type=int, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.worker:
-        worker(args)
-        return
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
 
+
+def run_search(args) -> None:
+    """ours / faiss / plain torch / numpy on the same data, in this process (see the module docstring)."""
+    import torch
+
+    from pipeline.mris.knn import MAX_BLOCK_BYTES, cosine_topk, faiss_available, resolve_backend
+
+    torch.set_num_threads(args.threads)
+    have_faiss = faiss_available()
+    if have_faiss:
+        import faiss
+
+        faiss.omp_set_num_threads(args.threads)
+    # embeddings only (make_data's maps are not needed): a 1 x 1 map grid keeps its RNG stream the same
+    q, emb, _, _ = make_data(args.n, args.queries, args.dim, 1, args.seed)
+    k = args.k
+    qt = torch.from_numpy(q)
+    dbt = torch.from_numpy(emb)  # make_data's rows are unit vectors already
+    backend = resolve_backend("auto")
+    print(
+        f"k-NN search: {args.queries} queries x {args.n} database rows x {args.dim}-d float32, k = {k}, "
+        f"{args.threads} threads (torch {torch.__version__}, faiss "
+        f"{faiss.__version__ if have_faiss else 'not installed'}); ours = cosine_topk(backend='auto' -> "
+        f"{backend!r}, max_block_bytes = {MAX_BLOCK_BYTES / 2**20:.0f} MiB); fastest of {args.repeats} rounds"
+    )
+    methods = {
+        "ours": lambda: cosine_topk(q, emb, k)[1].numpy(),
+        "ours torch": lambda: cosine_topk(q, emb, k, backend="torch")[1].numpy(),
+        "plain torch": lambda: torch.topk(qt @ dbt.T, k, dim=1).indices.numpy(),
+    }
+    tmp = None
+    if args.memmap:
+        tmp = tempfile.TemporaryDirectory()
+        np.save(os.path.join(tmp.name, "emb.npy"), emb)
+        mm = np.load(os.path.join(tmp.name, "emb.npy"), mmap_mode="r")
+        methods["ours memmap"] = lambda: cosine_topk(q, mm, k)[1].numpy()
+    if have_faiss:
+        index = faiss.IndexFlatIP(args.dim)
+        index.add(emb)
+
+        def add_search():
+            idx = faiss.IndexFlatIP(args.dim)
+            idx.add(emb)
+            return idx.search(q, k)[1]
+
+        methods["faiss search"] = lambda: index.search(q, k)[1]
+        methods["faiss add+search"] = add_search
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    results: dict[str, np.ndarray] = {}
+    for _ in range(max(1, args.repeats)):  # interleaved rounds: load from other jobs hits every method alike
+        for name, fn in methods.items():
+            dt, results[name] = _timed(fn)
+            times[name].append(dt)
+    dt, results["numpy"] = _timed(lambda: cosine_topk(q, emb, k, backend="numpy")[1].numpy())
+    times["numpy"] = [dt]
+    ref = results["numpy"]
+    print(f"{'method':>17} {'seconds':>8} {'queries/s':>10}  all rounds (s)        same neighbours as numpy")
+    for name, ts in times.items():
+        same = float(np.mean(np.all(results[name] == ref, axis=1)))
+        rounds = " ".join(f"{t:.2f}" for t in ts)
+        print(
+            f"{name:>17} {min(ts):>8.3f} {args.queries / min(ts):>10.0f}  {rounds:<21} {100 * same:.1f} % of queries"
+        )
+    best = {name: min(ts) for name, ts in times.items()}
+    ratios = []
+    if have_faiss:
+        ratios += [
+            f"ours / faiss search = {best['ours'] / best['faiss search']:.2f}",
+            f"ours / faiss add+search = {best['ours'] / best['faiss add+search']:.2f}",
+            f"ours torch / faiss search = {best['ours torch'] / best['faiss search']:.2f}",
+        ]
+    else:
+        ratios.append("ours / faiss: faiss not installed (pip install faiss-cpu)")
+    ratios += [
+        f"ours / plain torch = {best['ours'] / best['plain torch']:.2f}",
+        f"ours torch / plain torch = {best['ours torch'] / best['plain torch']:.2f}",
+        f"ours / numpy = {best['ours'] / best['numpy']:.3f}",
+    ]
+    print("ratios (time, lower is faster): " + "; ".join(ratios))
+    identical = all(np.array_equal(r, ref) for r in results.values())
+    print(f"identical neighbours (indices and order) in every method: {identical}")
+    load = os.getloadavg()
+    print(
+        f"load average during the run (1/5/15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs"
+    )
+    if tmp is not None:
+        tmp.cleanup()
+
+
+def run_synthesis(args) -> None:
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(args.threads)
@@ -214,6 +307,43 @@ def main() -> None:
             f"{100 * same_lists:.1f} % of queries; mean synthesized mm {ours['synth_mean']:.4f} vs "
             f"{ref['synth_mean']:.4f}"
         )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=["search", "synthesis"], default="search")
+    p.add_argument("--n", type=int, default=100_000, help="search: database rows N")
+    p.add_argument(
+        "--sizes", type=int, nargs="+", default=[10_000, 100_000], help="synthesis: database sizes"
+    )
+    p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--map-size", type=int, default=64, help="synthesis: maps are S x S (paper grid: 310)")
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="search: interleaved rounds (default 3; fastest shown); synthesis: fresh subprocesses per "
+        "(N, method) (default 2; the fastest time and the LARGEST peak are shown)",
+    )
+    p.add_argument("--memmap", action="store_true", help="search: also time ours on a memory-mapped database")
+    p.add_argument("--quick", action="store_true", help="search: 200 queries x 20,000 rows, 2 rounds")
+    p.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    if args.mode == "search":
+        if args.quick:
+            args.n, args.queries, args.repeats = 20_000, 200, args.repeats or 2
+        args.repeats = args.repeats or 3
+        run_search(args)
+    else:
+        args.repeats = args.repeats or 2
+        run_synthesis(args)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ import torch
 
 from pipeline.mris.knn import (
     cosine_topk,
+    faiss_available,
     knn_synthesize,
     knn_synthesize_separate,
+    resolve_backend,
     similarity_weights,
     weighted_map_average,
 )
@@ -189,17 +191,147 @@ def test_torch_and_numpy_map_paths_agree(use_mask):
     np.testing.assert_allclose(a.numpy(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_automatic_database_chunking(monkeypatch, tmp_path):
+HAVE_FAISS = faiss_available()
+BACKENDS = [
+    "torch",
+    "numpy",
+    pytest.param("faiss", marks=pytest.mark.skipif(not HAVE_FAISS, reason="faiss not installed")),
+]
+
+
+def _tie_data(n=300, q=40, d=8, pool=60, seed=0):
+    """Embeddings whose cosine similarities are exact in any float order: every row has four entries
+    +-0.5 (unit norm exactly), so dot products are multiples of 0.25 -> many exact ties; the database draws
+    its rows from a small pool, so it also holds many duplicate rows."""
+    rng = np.random.default_rng(seed)
+
+    def rows(m):
+        out = np.zeros((m, d))
+        for r in range(m):
+            out[r, rng.choice(d, 4, replace=False)] = rng.choice([-0.5, 0.5], 4)
+        return out
+
+    db = rows(pool)[rng.integers(0, pool, n)]
+    return rows(q), db
+
+
+def test_tie_rule_by_hand():
+    a, b, c = [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.6, 0.8, 0.0]
+    db = np.array([b, a, c, a, b, a], dtype=np.float32)
+    for backend in ["torch", "numpy"] + (["faiss"] if HAVE_FAISS else []):
+        s, i = cosine_topk(np.array([a], dtype=np.float32), db, k=3, backend=backend)
+        assert i.tolist() == [[1, 3, 5]], backend  # three exact ties: lower row first
+        s, i = cosine_topk(np.array([a], dtype=np.float32), db, k=5, backend=backend)
+        assert i.tolist() == [[1, 3, 5, 2, 0]], backend  # 1, 1, 1, 0.6, then the tie 0/0 at k: row 0
+        torch.testing.assert_close(s, torch.tensor([[1.0, 1.0, 1.0, 0.6, 0.0]]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [1, 7, 20])
+def test_backends_match_numpy_reference_with_exact_ties(backend, k):
+    queries, db = _tie_data()
+    ref_idx, ref_s, _ = _brute_force(queries, db, np.zeros((len(db), 1, 1)), k + 1)
+    assert (ref_s[:, k - 1] == ref_s[:, k]).mean() > 0.5  # the data really has ties at the k-th place
+    ref_idx, ref_s = ref_idx[:, :k], ref_s[:, :k]
+    s, i = cosine_topk(queries.astype(np.float32), db.astype(np.float32), k=k, backend=backend)
+    np.testing.assert_array_equal(i.numpy(), ref_idx)
+    np.testing.assert_array_equal(s.numpy(), ref_s.astype(np.float32))  # exact: multiples of 1/4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_agree_on_random_data(backend):
+    queries, db, _, _ = _data(n=400, q=25, d=32, seed=5)
+    db = np.concatenate([db, db[:50]])  # duplicate rows: their similarities tie within a backend
+    ref_idx, ref_s, _ = _brute_force(queries, db, np.zeros((len(db), 1, 1)), 20)
+    s, i = cosine_topk(queries.astype(np.float32), db.astype(np.float32), k=20, backend=backend)
+    np.testing.assert_array_equal(np.sort(i.numpy() % 400, axis=1), np.sort(ref_idx % 400, axis=1))
+    # float32 backends agree exactly, duplicates included (each ties exactly with its original)
+    np.testing.assert_array_equal(i.numpy(), cosine_topk(queries, db, k=20, backend="numpy")[1].numpy())
+    assert (i.numpy() >= 400).sum() > 10  # some duplicates are among the neighbours
+    np.testing.assert_allclose(s.numpy(), ref_s, atol=1e-5)
+    for row_s, row_i in zip(s.numpy(), i.numpy()):  # the documented order, as computed by this backend
+        assert all(
+            (a > b) or (a == b and ia < ib) for a, b, ia, ib in zip(row_s, row_s[1:], row_i, row_i[1:])
+        )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_small_block_bound_gives_identical_results(backend, monkeypatch):
     import pipeline.mris.knn as knn_module
 
-    queries, db, _, _ = _data(n=500, q=70)
-    ref_s, ref_i = cosine_topk(queries, db, k=20, dtype=torch.float64)
+    queries, db = _tie_data(n=257, q=70, d=8, seed=3)
+    queries, db = queries.astype(np.float32), db.astype(np.float32)
+    ref_s, ref_i = cosine_topk(queries, db, k=20, backend="numpy")
+    blocks = []
+    real = knn_module._block_candidates
+
+    def spy(sim, k, offset):
+        blocks.append((sim.shape, offset))
+        return real(sim, k, offset)
+
+    monkeypatch.setattr(knn_module, "_block_candidates", spy)
+    monkeypatch.setattr(knn_module, "QUERY_BLOCK_ROWS", 16)
+    bound = 2048  # bytes: torch blocks of 16 queries x 32 database rows (float32)
+    s, i = cosine_topk(queries, db, k=20, backend=backend, max_block_bytes=bound)
+    np.testing.assert_array_equal(i.numpy(), ref_i.numpy())
+    np.testing.assert_array_equal(s.numpy(), ref_s.numpy())
+    if backend == "torch":
+        assert sorted({off for _, off in blocks}) == list(range(0, 257, 32))  # 9 database blocks
+        assert sorted({shape for shape, _ in blocks}) == [
+            (6, 1),
+            (6, 32),
+            (16, 1),
+            (16, 32),
+        ]  # 5 query blocks
+        assert len(blocks) == 45 and all(shape[0] * shape[1] * 4 <= bound for shape, _ in blocks)
+    chunks = [(16, 40), (70, 64), (None, 300), (70, 3)]  # 3 < k: whole blocks still merge exactly
+    chunks += [(1, None), (5, 7)] if backend != "faiss" else []  # many tiny faiss calls are slow
+    for chunk, db_chunk in chunks:
+        s, i = cosine_topk(queries, db, k=20, chunk_size=chunk, db_chunk_size=db_chunk, backend=backend)
+        np.testing.assert_array_equal(i.numpy(), ref_i.numpy())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_memmap_database(backend, tmp_path):
+    queries, db, _, _ = _data(n=500, q=30, d=24, seed=6)
+    ref_s, ref_i = cosine_topk(queries, db, k=20, dtype=torch.float64, backend="numpy")
     np.save(tmp_path / "emb.npy", db.astype(np.float32))
     mm = np.load(tmp_path / "emb.npy", mmap_mode="r")  # read-only memory map
-    monkeypatch.setattr(knn_module, "BLOCK_ELEMENTS", 1000)  # forces 64-query x 15-row blocks
-    s, i = cosine_topk(queries, mm, k=20)
+    s, i = cosine_topk(queries, mm, k=20, backend=backend, max_block_bytes=24 * 4 * 60)  # 60-row blocks
     np.testing.assert_array_equal(i.numpy(), ref_i.numpy())
-    torch.testing.assert_close(s, ref_s.float())
+    torch.testing.assert_close(s, ref_s, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_k_larger_than_database_is_an_error(backend):
+    q, db = _tie_data(n=10, q=2)
+    with pytest.raises(ValueError, match="k must be in 1..N = 1..10, got k = 11"):
+        cosine_topk(q, db, k=11, backend=backend)
+    s, i = cosine_topk(q, db, k=10, backend=backend)  # k = N: every row, in the tie-rule order
+    np.testing.assert_array_equal(i.numpy(), _brute_force(q, db, np.zeros((10, 1, 1)), 10)[0])
+
+
+def test_auto_backend_choice(monkeypatch):
+    import pipeline.mris.knn as knn_module
+
+    assert resolve_backend("auto") == ("faiss" if HAVE_FAISS else "torch")
+    assert resolve_backend("auto", dtype=torch.float64) == "torch"
+    assert resolve_backend("auto", device="cuda") == "torch"
+    assert resolve_backend("numpy") == "numpy"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend("annoy")
+    monkeypatch.setattr(knn_module, "faiss_available", lambda: False)
+    assert resolve_backend("auto") == "torch"
+    q, db, _, _ = _data(n=60, q=3)
+    s, i = cosine_topk(q, db, k=4)  # default backend without faiss
+    np.testing.assert_array_equal(i.numpy(), _brute_force(q, db, np.zeros((60, 1, 1)), 4)[0])
+
+
+@pytest.mark.skipif(not HAVE_FAISS, reason="faiss not installed")
+def test_faiss_rejects_float64():
+    q, db = _tie_data(n=10, q=2)
+    with pytest.raises(ValueError, match="float32"):
+        cosine_topk(q, db, k=3, backend="faiss", dtype=torch.float64)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -2,8 +2,9 @@
 
 For a query radiograph embedding ``f(x)`` and database map embeddings ``g(y_i)``:
 
-1. ``s_i = cos(f(x), g(y_i))`` for every database item; keep the ``k`` largest (default 20) with
-   ``torch.topk`` (queries processed in chunks; optionally the database too, so memory stays bounded);
+1. ``s_i = cos(f(x), g(y_i))`` for every database item; keep the ``k`` largest (default 20), exactly
+   (:func:`cosine_topk`: faiss ``IndexFlatIP`` when installed, else blocked ``torch.mm`` + ``torch.topk``;
+   memory bounded by ``max_block_bytes``);
 2. weights ``w_i = s_i / sum_j s_j`` over the k neighbours (no softmax, no temperature). If
    ``sum_j s_j <= 1e-8`` (non-positive or numerically zero; only possible when the best neighbours are
    orthogonal or opposite to the query) the weights of that query fall back to uniform ``1 / k`` and a
@@ -14,20 +15,30 @@ For a query radiograph embedding ``f(x)`` and database map embeddings ``g(y_i)``
 Shapes: embeddings ``Q x D`` (queries) and ``N x D`` (database); maps ``N x H x W`` float16/32 in mm (NaN or 0
 outside the footprint), masks ``H x W`` bool (True = inside the footprint). Embeddings are assumed
 L2-normalised but are normalised again here.
+
+Tie rule (every backend): neighbours are ordered by similarity, descending; equal similarities by the lower
+database row first, also at the k-th place (of several rows tied for the last places, the lowest-numbered
+ones are kept). "Equal" means equal as computed in floating point: exact duplicates of a database row give
+equal similarities within one backend, but two backends may differ in the last bit, so near-ties can
+resolve differently across backends while the similarities agree to float tolerance.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Mapping, Union
+from typing import Any, Mapping, Union
 
 import numpy as np
 import torch
 
 __all__ = [
+    "BACKENDS",
+    "MAX_BLOCK_BYTES",
     "KNNResult",
     "cosine_topk",
+    "faiss_available",
+    "resolve_backend",
     "similarity_weights",
     "weighted_map_average",
     "knn_synthesize",
@@ -39,10 +50,21 @@ MapsLike = Union[ArrayLike, Mapping[str, ArrayLike]]
 
 #: Weight sums at or below this fall back to uniform weights.
 WEIGHT_SUM_EPS = 1e-8
-#: Default bound on the values of one query x database similarity block (32 MB in float32).
-BLOCK_ELEMENTS = 1 << 23
-#: Smallest automatic query chunk (matrix products with fewer rows are inefficient).
-MIN_QUERY_CHUNK = 64
+#: Default memory bound (bytes) on each temporary block of :func:`cosine_topk`: the query x database
+#: similarity block (torch, numpy) and the normalised database block (all backends).
+MAX_BLOCK_BYTES = 256 * 2**20
+#: Database rows per torch / faiss block when the bound allows. Measured on 2 shared CPU cores at
+#: 1,000 x 100,000 x 512-d: 1,024-row blocks cost ~2x (``torch.topk`` over short rows is slow, ~1.5 s of
+#: topk alone, and every parallel call has a fixed cost on a busy machine); 4,096-32,768 rows were within
+#: noise of each other and of one plain ``torch.topk(q @ db.T)``. 16,384 keeps the calls few and the
+#: similarity block at 64 MiB for 1,000 queries.
+DB_BLOCK_ROWS = 16384
+#: Most queries per torch block (the similarity block is at most this x ``DB_BLOCK_ROWS``, = 256 MiB).
+QUERY_BLOCK_ROWS = 4096
+#: Pending per-block candidates are merged into the running top k once they are this many times k wide.
+MERGE_FACTOR = 8
+#: Accepted ``backend`` values of :func:`cosine_topk`.
+BACKENDS = ("auto", "torch", "faiss", "numpy")
 
 
 @dataclass
@@ -82,93 +104,194 @@ def _row_norms(t: torch.Tensor, what: str) -> torch.Tensor:
     return norms
 
 
-def cosine_topk(
-    queries: ArrayLike,
-    database: ArrayLike,
-    k: int = 20,
-    chunk_size: int | None = None,
-    db_chunk_size: int | None = None,
-    backend: str = "torch",
+def _as_numpy(x: ArrayLike, dtype: np.dtype) -> np.ndarray:
+    a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+def _np_normalised(x: ArrayLike, dtype: np.dtype, what: str) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero), validated finite, C-contiguous ``dtype``."""
+    a = _as_numpy(x, dtype)
+    norms = np.linalg.norm(a, axis=1, keepdims=True)
+    if not np.isfinite(norms).all():
+        raise ValueError(f"{what} contain NaN or infinite values")
+    return np.ascontiguousarray(a / np.maximum(norms, np.asarray(1e-12, dtype=dtype)))  # a new array
+
+
+def _unit_rows_float32(x: ArrayLike, what: str) -> np.ndarray:
+    """Rows scaled to unit L2 norm as a new C-contiguous float32 numpy array, with the torch backend's
+    norm (multi-threaded; same rounding as the torch path, so both backends see the same unit vectors)."""
+    t = _as_tensor(x, torch.float32, "cpu").detach()
+    return torch.div(t, _row_norms(t, what).clamp_min(1e-12)[:, None]).numpy()
+
+
+def faiss_available() -> bool:
+    """True when ``import faiss`` works (the optional ``faiss`` extra: ``pip install faiss-cpu``)."""
+    try:
+        import faiss  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _compute_device(queries: Any, database: Any, device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    for x in (queries, database):
+        if isinstance(x, torch.Tensor) and x.device.type != "cpu":
+            return x.device
+    return torch.device("cpu")
+
+
+def resolve_backend(
+    backend: str = "auto",
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``k`` database rows by cosine similarity for every query.
+) -> str:
+    """The backend :func:`cosine_topk` uses: ``backend`` itself, or for ``"auto"`` the fastest exact one
+    installed for a CPU float32 search (``"faiss"`` when importable, else ``"torch"``); ``"torch"`` on an
+    accelerator ``device`` or for another ``dtype``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    return "faiss" if on_cpu and dtype == torch.float32 and faiss_available() else "torch"
 
-    Args:
-        queries: ``Q x D`` embeddings.
-        database: ``N x D`` embeddings (may be a memory-mapped ``np.ndarray``).
-        k: neighbours per query (``1 <= k <= N``).
-        chunk_size: queries per similarity block (the block is ``chunk_size x db_chunk``); default:
-            ``max(64, BLOCK_ELEMENTS // N)`` (``BLOCK_ELEMENTS`` = 8 M values = 32 MB in float32).
-        db_chunk_size: database rows per block; default: the whole database, unless the block would
-            exceed ``2 * BLOCK_ELEMENTS``, then ``BLOCK_ELEMENTS // chunk_size`` rows. Blocks are merged
-            exactly, so chunking never changes the result (up to the order of exact ties).
-        backend: ``"torch"`` (CPU or CUDA, per ``device``) or ``"faiss"`` (exact inner-product index).
-        device: torch device for the computation; default: the queries' device (CPU for numpy).
-        dtype: compute dtype of the torch backend (``torch.float64`` for exact comparisons in tests).
 
-    Returns:
-        ``(similarities, indices)``, both ``Q x k`` on CPU (float32 / int64), most similar first.
+def _select_topk(sims: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the ``k`` best ``(sims, idx)`` pairs by the tie rule (similarity descending, then lower
+    index), sorted that way. ``idx`` must be distinct within each row."""
+    order = torch.argsort(idx, dim=1)
+    sims, idx = sims.gather(1, order), idx.gather(1, order)
+    order = torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :k]
+    return sims.gather(1, order), idx.gather(1, order)
+
+
+def _block_candidates(sim: torch.Tensor, k: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates of one ``q x b`` similarity block: ``min(k + 1, b)`` per row that contain the block's
+    top ``k`` under the tie rule (the extra one never survives a merge; see below). Indices get ``offset``.
+
+    ``torch.topk`` picks an arbitrary member among equal values. One extra candidate shows whether that
+    matters: if the smallest of the ``k + 1`` values occurs once, the other ``k`` are strictly larger and
+    are the block's top ``k`` whichever tied row ``topk`` chose last (that row can never be among the final
+    ``k``: all ``k`` rows of its own block rank above it). Rows where it occurs twice or more (a tie at the
+    k-th place) are redone with a stable sort of the whole row (lower index first).
     """
-    n = int(database.shape[0])
-    if database.ndim != 2 or queries.ndim != 2 or queries.shape[1] != database.shape[1]:
-        raise ValueError(
-            f"expected Q x D queries and N x D database, got {tuple(queries.shape)} and {tuple(database.shape)}"
-        )
-    if not 1 <= k <= n:
-        raise ValueError(f"k must be in 1..N = 1..{n}, got k = {k}")
-    if (chunk_size is not None and chunk_size < 1) or (db_chunk_size is not None and db_chunk_size < 1):
-        raise ValueError("chunk sizes must be positive")
-    if backend == "faiss":
-        return _cosine_topk_faiss(queries, database, k, db_chunk_size)
-    if backend != "torch":
-        raise ValueError(f"backend must be 'torch' or 'faiss', got {backend!r}")
+    n_rows, width = sim.shape
+    w = min(k + 1, width)
+    if w == width:  # the whole (small) block; the merge orders it
+        return sim.clone(), torch.arange(offset, offset + width, device=sim.device).expand(n_rows, width)
+    s, i = torch.topk(sim, w, dim=1, largest=True, sorted=False)
+    low = s.min(dim=1, keepdim=True).values
+    tied = (s == low).sum(dim=1) > 1
+    tied_rows = tied.nonzero().flatten()
+    step_fix = max(1, n_rows // 4)  # the sort's copies stay below the similarity block's size
+    for fs in range(0, len(tied_rows), step_fix):
+        rows = tied_rows[fs : fs + step_fix]
+        s_fix, i_fix = torch.sort(sim[rows], dim=1, descending=True, stable=True)
+        s[rows], i[rows] = s_fix[:, :w], i_fix[:, :w]
+    return s, i + offset
 
-    if device is None:
-        device = queries.device if isinstance(queries, torch.Tensor) else "cpu"
+
+class _TopK:
+    """Running exact top ``k`` per query over database blocks (merged in batches)."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.best: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.width = 0
+
+    def add(self, sims: torch.Tensor, idx: torch.Tensor) -> None:
+        self.pending.append((sims, idx))
+        self.width += sims.shape[1]
+        if self.width >= MERGE_FACTOR * (self.k + 1):
+            self._merge()
+
+    def _merge(self) -> None:
+        parts = ([self.best] if self.best is not None else []) + self.pending
+        sims = torch.cat([p[0] for p in parts], dim=1)
+        idx = torch.cat([p[1] for p in parts], dim=1)
+        self.best = _select_topk(sims, idx, self.k)
+        self.pending, self.width = [], 0
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pending or self.best is None:
+            self._merge()
+        assert self.best is not None
+        return self.best
+
+
+def _torch_blocks(
+    n_q: int, n: int, d: int, itemsize: int, chunk_size: int | None, db_chunk_size: int | None, bound: int
+) -> tuple[int, int]:
+    """(queries, database rows) per torch block: up to ``QUERY_BLOCK_ROWS`` x ``DB_BLOCK_ROWS``, the
+    database rows shrunk first so that the similarity block and the normalised database block each fit in
+    ``bound`` bytes (explicit chunk sizes are taken as given)."""
+    q_rows = min(n_q, chunk_size or QUERY_BLOCK_ROWS)
+    step_db = db_chunk_size or max(
+        1, min(n, DB_BLOCK_ROWS, bound // (itemsize * max(d, 1)), bound // (itemsize * q_rows))
+    )
+    step_q = chunk_size or max(1, min(n_q, QUERY_BLOCK_ROWS, bound // (itemsize * min(step_db, n))))
+    return step_q, step_db
+
+
+def _cosine_topk_torch(
+    queries: ArrayLike,
+    database: ArrayLike,
+    k: int,
+    chunk_size: int | None,
+    db_chunk_size: int | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    bound: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     q = _as_tensor(queries, dtype, device)
     q = q / _row_norms(q, "query embeddings").clamp_min(1e-12)[:, None]
-    n_q = q.shape[0]
-    if chunk_size is not None:
-        step_q = int(chunk_size)
-    else:
-        step_q = max(1, min(n_q, max(MIN_QUERY_CHUNK, BLOCK_ELEMENTS // (db_chunk_size or n))))
-    if db_chunk_size is not None:
-        step_db = int(db_chunk_size)
-    else:
-        step_db = n if step_q * n <= 2 * BLOCK_ELEMENTS else max(k, BLOCK_ELEMENTS // step_q)
-
-    best_s = torch.empty((n_q, 0), dtype=dtype, device=device)
-    best_i = torch.empty((n_q, 0), dtype=torch.long, device=device)
-    # one similarity buffer reused by every block (no repeated large allocations -> steady peak memory)
+    n_q, d = q.shape
+    n = int(database.shape[0])
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    step_q, step_db = _torch_blocks(n_q, n, d, itemsize, chunk_size, db_chunk_size, bound)
+    # buffers reused by every block: no repeated large allocations (steady peak memory, no page faults)
     sim_buf = torch.empty(min(step_q, n_q) * min(step_db, n), dtype=dtype, device=device)
+    db_buf = torch.empty(min(step_db, n) * d, dtype=dtype, device=device)
+    topk = _TopK(k)
     for start in range(0, n, step_db):
         block = _as_tensor(database[start : start + step_db], dtype, device)
-        # cosine = (q . y) / |y|: scale the similarity columns instead of copying a normalised database
-        norms = _row_norms(block, f"database embeddings (rows {start}..{start + block.shape[0] - 1})")
-        inv_norm = 1.0 / norms.clamp_min(1e-12)
-        block_t = block.transpose(0, 1)
-        kk = min(k, block.shape[0])
+        rows = block.shape[0]
+        norms = _row_norms(block, f"database embeddings (rows {start}..{start + rows - 1})")
+        unit = torch.div(block, norms.clamp_min(1e-12)[:, None], out=db_buf[: rows * d].view(rows, d))
+        unit_t = unit.transpose(0, 1)
         s_parts, i_parts = [], []
         for qs in range(0, n_q, step_q):
             q_block = q[qs : qs + step_q]
-            sim = sim_buf[: q_block.shape[0] * block_t.shape[1]].view(q_block.shape[0], block_t.shape[1])
-            torch.mm(q_block, block_t, out=sim).mul_(inv_norm)
-            s, i = torch.topk(sim, kk, dim=1, largest=True, sorted=True)
+            sim = sim_buf[: q_block.shape[0] * rows].view(q_block.shape[0], rows)
+            torch.mm(q_block, unit_t, out=sim)
+            s, i = _block_candidates(sim, k, start)
             s_parts.append(s)
-            i_parts.append(i + start)
-        new_s, new_i = torch.cat(s_parts), torch.cat(i_parts)
-        if best_s.shape[1] == 0:
-            best_s, best_i = new_s, new_i
-        else:
-            cat_s, cat_i = torch.cat([best_s, new_s], 1), torch.cat([best_i, new_i], 1)
-            best_s, pos = torch.topk(cat_s, min(k, cat_s.shape[1]), dim=1, largest=True, sorted=True)
-            best_i = torch.gather(cat_i, 1, pos)
-    return best_s.float().cpu(), best_i.cpu()
+            i_parts.append(i)
+        topk.add(torch.cat(s_parts), torch.cat(i_parts))
+    s, i = topk.result()
+    return s.float().cpu(), i.cpu()
+
+
+def _faiss_knn(faiss: Any, q: np.ndarray, unit: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top ``kk`` inner products of float32 ``q`` against ``unit`` rows (faiss), sorted descending."""
+    if hasattr(faiss, "knn"):  # faiss >= 1.7.3: no index, no copy of the database block
+        return faiss.knn(q, unit, kk, metric=faiss.METRIC_INNER_PRODUCT)
+    index = faiss.IndexFlatIP(unit.shape[1])
+    index.add(unit)
+    return index.search(q, kk)
 
 
 def _cosine_topk_faiss(
-    queries: ArrayLike, database: ArrayLike, k: int, db_chunk_size: int | None
+    queries: ArrayLike,
+    database: ArrayLike,
+    k: int,
+    chunk_size: int | None,
+    db_chunk_size: int | None,
+    bound: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         import faiss  # type: ignore[import-not-found]
@@ -178,22 +301,138 @@ def _cosine_topk_faiss(
             "use backend='torch' otherwise"
         ) from err
 
-    def _np_normed(x: ArrayLike) -> np.ndarray:
-        a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-        a = np.ascontiguousarray(a, dtype=np.float32)
-        if not np.isfinite(a).all():
-            raise ValueError("embeddings contain NaN or infinite values")
-        norms = np.linalg.norm(a, axis=1, keepdims=True)
-        return np.ascontiguousarray(a / np.maximum(norms, 1e-12), dtype=np.float32)
-
-    d = int(database.shape[1])
-    index = faiss.IndexFlatIP(d)
+    q = _unit_rows_float32(queries, "query embeddings")
+    n_q, d = q.shape
     n = int(database.shape[0])
-    step = n if db_chunk_size is None else int(db_chunk_size)
-    for start in range(0, n, step):
-        index.add(_np_normed(database[start : start + step]))
-    s, i = index.search(_np_normed(queries), k)
-    return torch.from_numpy(s.astype(np.float32)), torch.from_numpy(i.astype(np.int64))
+    step_db = db_chunk_size or max(1, min(n, DB_BLOCK_ROWS, bound // (4 * max(d, 1))))
+    step_q = chunk_size or n_q
+    unit_buf = torch.empty(min(step_db, n) * d, dtype=torch.float32)  # reused: warm pages, steady memory
+    topk = _TopK(k)
+    for start in range(0, n, step_db):
+        block = _as_tensor(database[start : start + step_db], torch.float32, "cpu").detach()
+        rows = block.shape[0]
+        norms = _row_norms(block, f"database embeddings (rows {start}..{start + rows - 1})")
+        unit_t = unit_buf[: rows * d].view(rows, d)
+        unit = torch.div(block, norms.clamp_min(1e-12)[:, None], out=unit_t).numpy()
+        w = min(k + 1, rows)
+        s_parts, i_parts = [], []
+        for qs in range(0, n_q, step_q):
+            q_block = q[qs : qs + step_q]
+            s_np, i_np = _faiss_knn(faiss, q_block, unit, w)  # sorted descending; any order among ties
+            s, i = torch.from_numpy(s_np), torch.from_numpy(i_np.astype(np.int64))
+            # a tie at the k-th place (unless the block is taken whole): redo those queries with the whole
+            # block row, ordered by the tie rule (see _block_candidates)
+            tied = s[:, k - 1] == s[:, k] if w == k + 1 else torch.zeros(len(s), dtype=torch.bool)
+            tied_rows = tied.nonzero().flatten()
+            step_fix = max(1, bound // (12 * rows))  # full rows of float32 + int64 within the bound
+            for fs in range(0, len(tied_rows), step_fix):
+                rows_t = tied_rows[fs : fs + step_fix]
+                s_all, i_all = _faiss_knn(faiss, q_block[rows_t.numpy()], unit, rows)
+                s_all, i_all = torch.from_numpy(s_all), torch.from_numpy(i_all.astype(np.int64))
+                s[rows_t], i[rows_t] = _select_topk(s_all, i_all, w)
+            s_parts.append(s)
+            i_parts.append(i + start)
+        topk.add(torch.cat(s_parts), torch.cat(i_parts))
+    s, i = topk.result()
+    return s.float(), i
+
+
+def _cosine_topk_numpy(
+    queries: ArrayLike,
+    database: ArrayLike,
+    k: int,
+    chunk_size: int | None,
+    db_chunk_size: int | None,
+    dtype: torch.dtype,
+    bound: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Brute-force reference: full similarity rows, ``np.argsort(-s, kind="stable")`` (lower index first)."""
+    np_dtype = np.float64 if dtype == torch.float64 else np.float32
+    itemsize = np.dtype(np_dtype).itemsize
+    q = _np_normalised(queries, np_dtype, "query embeddings")
+    n_q, d = q.shape
+    n = int(database.shape[0])
+    step_q = chunk_size or max(1, min(n_q, bound // (itemsize * n)))
+    step_db = db_chunk_size or max(1, min(n, bound // (itemsize * max(d, 1))))
+    out_s = np.empty((n_q, k), dtype=np_dtype)
+    out_i = np.empty((n_q, k), dtype=np.int64)
+    for qs in range(0, n_q, step_q):
+        q_block = q[qs : qs + step_q]
+        sims = np.empty((q_block.shape[0], n), dtype=np_dtype)
+        for start in range(0, n, step_db):
+            block = _np_normalised(database[start : start + step_db], np_dtype, "database embeddings")
+            sims[:, start : start + block.shape[0]] = q_block @ block.T
+        order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        out_i[qs : qs + step_q] = order
+        out_s[qs : qs + step_q] = np.take_along_axis(sims, order, axis=1)
+    return torch.from_numpy(out_s.astype(np.float32)), torch.from_numpy(out_i)
+
+
+def cosine_topk(
+    queries: ArrayLike,
+    database: ArrayLike,
+    k: int = 20,
+    chunk_size: int | None = None,
+    db_chunk_size: int | None = None,
+    backend: str = "auto",
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    max_block_bytes: int = MAX_BLOCK_BYTES,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-``k`` database rows by cosine similarity for every query.
+
+    Every backend returns the same neighbours, ordered by the module's tie rule (similarity descending,
+    equal similarities by lower database row, also at the k-th place), and the same similarities up to float
+    rounding (a few 1e-7 in float32).
+
+    Args:
+        queries: ``Q x D`` embeddings (numpy or torch).
+        database: ``N x D`` embeddings; a memory-mapped ``np.ndarray`` (``np.load(..., mmap_mode="r")``) is
+            read block by block, never whole.
+        k: neighbours per query (``1 <= k <= N``).
+        chunk_size: queries per block; default: from ``max_block_bytes`` (torch: up to 4,096 queries; faiss:
+            all queries; numpy: as many full similarity rows as fit).
+        db_chunk_size: database rows per block; default: from ``max_block_bytes`` (torch: up to 16,384 rows;
+            faiss: up to 16,384 rows; numpy: as many as fit). Blocks are merged exactly, so block sizes
+            never change the result.
+        backend: ``"auto"`` (default: ``"faiss"`` when installed and the search runs on the CPU in float32,
+            else ``"torch"``), ``"torch"`` (``torch.mm`` + ``torch.topk`` on ``device``, CPU or CUDA;
+            ``torch.get_num_threads()`` threads), ``"faiss"`` (exact inner products of unit vectors,
+            ``faiss.knn`` / ``IndexFlatIP``, float32, CPU) or ``"numpy"`` (brute-force full ``argsort``; slow reference for tests and
+            benchmarks).
+        device: torch device for the torch backend; default: the device of the queries or database if one is
+            a non-CPU tensor, else CPU.
+        dtype: compute dtype of the torch and numpy backends (``torch.float64`` for exact comparisons in
+            tests); faiss computes in float32.
+        max_block_bytes: bound on each temporary block (default 256 MiB): torch: the ``q_block x db_block``
+            similarity block and the normalised database block (so at most about twice this in all); faiss:
+            the normalised float32 database block (``faiss.knn`` searches it without an index; faiss's own
+            search buffers are fixed, ~16 MiB); numpy: the ``q_block x N`` similarity rows and the
+            normalised database block. The database itself is never copied whole.
+
+    Returns:
+        ``(similarities, indices)``, both ``Q x k`` on CPU (float32 / int64), most similar first.
+    """
+    if database.ndim != 2 or queries.ndim != 2 or queries.shape[1] != database.shape[1]:
+        raise ValueError(
+            f"expected Q x D queries and N x D database, got {tuple(queries.shape)} and {tuple(database.shape)}"
+        )
+    n = int(database.shape[0])
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in 1..N = 1..{n}, got k = {k}")
+    if (chunk_size is not None and chunk_size < 1) or (db_chunk_size is not None and db_chunk_size < 1):
+        raise ValueError("chunk sizes must be positive")
+    if max_block_bytes < 1:
+        raise ValueError(f"max_block_bytes must be positive, got {max_block_bytes}")
+    dev = _compute_device(queries, database, device)
+    backend = resolve_backend(backend, dev, dtype)
+    if backend == "faiss":
+        if dtype != torch.float32:
+            raise ValueError(f"backend='faiss' computes in float32, got dtype={dtype}")
+        return _cosine_topk_faiss(queries, database, k, chunk_size, db_chunk_size, max_block_bytes)
+    if backend == "numpy":
+        return _cosine_topk_numpy(queries, database, k, chunk_size, db_chunk_size, dtype, max_block_bytes)
+    return _cosine_topk_torch(queries, database, k, chunk_size, db_chunk_size, dev, dtype, max_block_bytes)
 
 
 def similarity_weights(similarities: torch.Tensor) -> torch.Tensor:
@@ -317,8 +556,9 @@ def knn_synthesize(
     masks: ArrayLike | Mapping[str, ArrayLike] | None = None,
     chunk_size: int | None = None,
     db_chunk_size: int | None = None,
-    backend: str = "torch",
+    backend: str = "auto",
     device: torch.device | str | None = None,
+    max_block_bytes: int = MAX_BLOCK_BYTES,
 ) -> KNNResult:
     """MRIS(-C) synthesis: neighbours from ONE embedding space, every map stack averaged with them.
 
@@ -329,7 +569,7 @@ def knn_synthesize(
             key maps may have different grids).
         k: neighbours (paper: 20).
         masks: ``H x W`` bool atlas footprint, or ``{key: H x W}``; ``None`` -> NaN pattern of the maps.
-        chunk_size, db_chunk_size, backend, device: see :func:`cosine_topk`.
+        chunk_size, db_chunk_size, backend, device, max_block_bytes: see :func:`cosine_topk`.
 
     Returns:
         :class:`KNNResult`; ``maps`` is a tensor or a dict following ``db_maps``.
@@ -341,7 +581,9 @@ def knn_synthesize(
             raise ValueError(
                 f"maps{'[' + key + ']' if key else ''} have {m.shape[0]} rows, embeddings have {n}"
             )
-    sims, idx = cosine_topk(query_emb, db_emb, k, chunk_size, db_chunk_size, backend, device)
+    sims, idx = cosine_topk(
+        query_emb, db_emb, k, chunk_size, db_chunk_size, backend, device, max_block_bytes=max_block_bytes
+    )
     weights = similarity_weights(sims)
     out: dict[str, torch.Tensor] = {}
     for key, m in stacks.items():
