@@ -50,6 +50,13 @@ def _cohort_args(p: argparse.ArgumentParser, default_n: int) -> None:
                    help="no MR volumes or labels (radiographs + analytic thickness maps only; fast, for retrieval)")
     p.add_argument("--no-dxa", action="store_true", help="skip the DXA-like images")
     p.add_argument("--tiny", action="store_true", help="tiny, coarse cohort for tests (1 mm X-ray, 1.6 mm MR)")
+    p.add_argument("--mr-fast", action="store_true",
+                   help="fast MR: 160 x 160 x 64 sagittal grid (0.6 mm in-plane, 1.5 mm slices), NIfTI only, "
+                        "baseline MR only (unless --mr-spacing / --mr-visits are given)")
+    p.add_argument("--mr-visits", type=_months, default=None,
+                   help="months with an MR volume (default: every visit; --mr-fast: 0)")
+    p.add_argument("--no-mr-markers", action="store_true",
+                   help="no MR progression markers (BML, effusion, meniscal extrusion / damage, cartilage signal)")
     p.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
 
 
@@ -71,7 +78,7 @@ def _config(a: argparse.Namespace):
     """The CohortConfig of the parsed options. ``--tiny`` sets the coarse test values for every option the user
     did NOT pass; values the user passed win and are reported on stderr when they differ from the tiny ones.
     CohortConfig validates the final values."""
-    from pipeline.cohort.generate import TINY, CohortConfig
+    from pipeline.cohort.generate import MR_FAST, TINY, CohortConfig
 
     kw = dict(n_subjects=a.subjects, seed=a.seed, monochrome1_fraction=a.monochrome1, write_mr=not a.no_mr,
               write_mr_dicom=not a.no_mr_dicom, write_dxa=not a.no_dxa, workers=a.workers)
@@ -84,6 +91,15 @@ def _config(a: argparse.Namespace):
                       file=sys.stderr)
         else:
             kw[field] = TINY[field] if a.tiny and field in TINY else default
+    # --mr-fast sets the MR grid, NIfTI-only and baseline-only MR; --mr-spacing / --mr-visits given win.
+    if a.mr_fast:
+        kw.update(mr_half_extent_mm=MR_FAST["mr_half_extent_mm"], write_mr_dicom=MR_FAST["write_mr_dicom"],
+                  mr_visits=MR_FAST["mr_visits"])
+        if a.mr_spacing is None:
+            kw["mr_spacing_mm"] = MR_FAST["mr_spacing_mm"]
+    if a.mr_visits is not None:
+        kw["mr_visits"] = a.mr_visits
+    kw["mr_markers"] = not a.no_mr_markers
     return CohortConfig(**kw)
 
 

@@ -12,6 +12,7 @@ import pydicom
 import pytest
 
 from pipeline.cohort.generate import TINY, CohortConfig, generate_cohort, generate_subject
+from pipeline.cohort.subject import sample_subject
 from pipeline.conventions import LABEL_FC, LABEL_FEMUR, LABEL_TC, LABEL_TIBIA, N_LANDMARKS
 from pipeline.io.manifest import load_manifest
 
@@ -146,12 +147,14 @@ def test_interrupted_generation_leaves_no_complete_looking_output(tmp_path, monk
     cfg = CohortConfig(n_subjects=2, seed=1, workers=1, **{**TINY, "visits": (0,)})
     calls = {"n": 0}
     real = gen.write_nifti
+    second = sample_subject(cfg.seed, 1, cfg.visits, cfg.missing_rate).subject_id
 
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 11:  # 8 NIfTI writes per subject at baseline: fail inside the second subject
+    def flaky(path, *a, **k):
+        # fail at the third NIfTI write inside the second subject's (temporary) folder
+        calls["n"] += f".{second}." in str(path)
+        if calls["n"] == 3:
             raise KeyboardInterrupt
-        return real(*a, **k)
+        return real(path, *a, **k)
 
     monkeypatch.setattr(gen, "write_nifti", flaky)
     with pytest.raises(KeyboardInterrupt):
@@ -169,5 +172,10 @@ def test_cohort_without_mr_has_radiographs_and_maps_only(tmp_path):
     m = generate_cohort(tmp_path, cfg, progress=False)
     loaded = load_manifest(tmp_path / "manifest.csv", check_paths=["xray_dicom", "fc_map", "tc_map"])
     assert len(loaded) == 4 and loaded.dess_nifti.isna().all() and loaded.labels_nifti.isna().all()
-    assert not list(tmp_path.rglob("*.nii.gz")) or all("DXA" in str(p) for p in tmp_path.rglob("*.nii.gz"))
+    niftis = list(tmp_path.rglob("*.nii.gz"))
+    assert not any("MR_SAG_3D_DESS" in str(p) for p in niftis)
+    # the DXA-visit files are cheap and stay on: DXA, both modalities' labels and pair-ready crops
+    base = loaded[loaded.visit_month == 0]
+    for c in ("dxa_nifti", "xray_labels", "xray_crop", "dxa_crop", "dxa_crop_labels"):
+        assert base[c].notna().all() and all((tmp_path / p).is_file() for p in base[c])
     assert np.isfinite(np.load(tmp_path / m.fc_map.iloc[0])).any()

@@ -9,9 +9,16 @@ Layout under ``out``::
     subjects/<id>/<MM>_MONTH/MR_SAG_3D_DESS/<RIGHT|LEFT>_KNEE/dicom/001..  DESS series (DICOM)
     subjects/<id>/<MM>_MONTH/MR_SAG_3D_DESS/<RIGHT|LEFT>_KNEE/{dess,labels}.nii.gz
     subjects/<id>/<MM>_MONTH/MR_SAG_3D_DESS/<RIGHT|LEFT>_KNEE/{fc,tc}_thickness.npy  analytic maps (mm)
-    subjects/<id>/00_MONTH/DXA/<RIGHT|LEFT>_KNEE/{dxa,dxa_labels}.nii.gz  baseline DXA-like images
+    subjects/<id>/00_MONTH/XRAY/PA_BILATERAL/labels.nii.gz            radiograph bone labels (scoring only)
+    subjects/<id>/00_MONTH/XRAY/PA_BILATERAL/<RIGHT|LEFT>_KNEE/{xray_crop,xray_crop_labels}.nii.gz
+    subjects/<id>/00_MONTH/DXA/<RIGHT|LEFT>_KNEE/{dxa,dxa_labels}.nii.gz  baseline DXA in its own pose
+    subjects/<id>/00_MONTH/DXA/<RIGHT|LEFT>_KNEE/{dxa_crop,dxa_crop_labels}.nii.gz  256 x 256 pair-ready crops
+    subjects/<id>/00_MONTH/DXA/<RIGHT|LEFT>_KNEE/dxa_pose.json   DXA pose, DXA landmarks, crop matrices
     subjects/<id>/subject.json       every parameter of the subject (analytic ground truth)
 
+The baseline (DXA) visit's files -- the DXA in its own supine pose, the bone label maps of both modalities and
+the per-knee 256 x 256 crops pre-aligned on the tibial landmarks -- are described in :mod:`pipeline.cohort.dxa`.
+They draw from their own random streams, so the radiographs and MR volumes do not depend on ``write_dxa``.
 Each subject folder is written under a temporary name and renamed when complete; manifests are written
 last. An interrupted run leaves only ``*.partial`` temporaries, which the next run removes; complete
 subjects with the same configuration are reused.
@@ -26,6 +33,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -37,12 +45,14 @@ from pipeline.io.atomic import atomic_dir, remove_partials, write_text_atomic
 
 from .anatomy import knee_at_visit
 from .disease import progression_labels
+from .dxa import nifti_affine_2d, radiograph_labels, radiograph_pixel_matrix, write_knee_pair
 from .mr import MRGrid, dess_signal, label_volume, pir_affine_lps, tissue_sdfs, to_pir
-from .radiograph import DetectorGeometry, KneePlacement, dxa_image, expose, line_integrals, to_detector_values
+from .mr_markers import MARKER_COLUMNS, marker_signal_values, sample_knee_markers
+from .radiograph import DetectorGeometry, KneePlacement, expose, line_integrals, to_detector_values
 from .subject import Subject, sample_subject, subject_rng, visit_date
 from .writers import uid, write_mr_series, write_nifti, write_npy, write_radiograph_dicom
 
-FORMAT_VERSION = 5  # bump when the generator's output changes for the same config
+FORMAT_VERSION = 6  # bump when the generator's output changes for the same config
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,11 @@ class CohortConfig:
     write_mr: bool = True  #: False: no MR volumes or labels at all (radiographs + analytic maps, fast)
     write_mr_dicom: bool = True
     write_dxa: bool = True
+    #: months with an MR volume (None: every visit); radiographs and analytic maps are written at every visit
+    mr_visits: Optional[tuple[int, ...]] = None
+    #: MR-visible progression markers (BML, effusion, meniscal extrusion / damage, cartilage signal; see
+    #: pipeline.cohort.mr_markers). False: healthy menisci, no markers, empty marker columns.
+    mr_markers: bool = True
     workers: int = 2
     extra: dict = field(default_factory=dict)
 
@@ -89,6 +104,9 @@ class CohortConfig:
             problems.append(f"monochrome1_fraction must be in [0, 1] (got {self.monochrome1_fraction})")
         if self.workers < 1:
             problems.append(f"workers must be >= 1 (got {self.workers})")
+        if self.mr_visits is not None and (any(v not in VISITS for v in self.mr_visits)
+                                           or list(self.mr_visits) != sorted(set(self.mr_visits))):
+            problems.append(f"mr_visits must be None or increasing months from {VISITS} (got {self.mr_visits})")
         if problems:
             raise ValueError("invalid cohort configuration: " + "; ".join(problems))
 
@@ -105,7 +123,14 @@ class CohortConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+#: manifest columns of the DXA visit's files, written by :func:`pipeline.cohort.dxa.write_knee_pair`
+PAIR_COLUMNS = ("dxa_nifti", "dxa_labels_nifti", "xray_crop", "xray_crop_labels", "dxa_crop", "dxa_crop_labels")
+
 TINY = dict(xray_spacing_mm=1.0, mr_spacing_mm=(1.6, 1.6, 1.6), map_size=32, visits=(0, 24, 48), missing_rate=0.0)
+#: Fast MR mode (``--mr-fast``): a sagittal 160 x 160 x 64 grid (AP x SI x ML: 0.6 mm in-plane, 1.5 mm slices,
+#: 96 mm field of view; what Panfilov et al. feed their model), NIfTI only, MR at the baseline visit only.
+MR_FAST = dict(mr_spacing_mm=(1.5, 0.6, 0.6), mr_half_extent_mm=(48.0, 48.0, 48.0), write_mr_dicom=False,
+               mr_visits=(0,))
 
 
 def _patient(sub: Subject, month: int, study_uid: str) -> dict:
@@ -154,6 +179,13 @@ def generate_subject(cfg: CohortConfig, index: int, root: Path) -> list[dict]:
                                    series_uid=uid(study_uid, "xray"), sop_uid=uid(study_uid, "xray", 1),
                                    monochrome1=mono1, bits_stored=cfg.xray_bits,
                                    rescale=rescale if cfg.xray_bits <= 13 else (1.0, 0.0))
+            # --- DXA visit: radiograph bone labels (both knees, scoring only); no draws from rng (stream 10)
+            pair_visit = cfg.write_dxa and month == cfg.visits[0]
+            xlab_rel, xlab = "", None
+            if pair_visit:
+                xlab = radiograph_labels([(knees[s], places[s]) for s in SIDES], geom)
+                xlab_rel = str(xray_rel.parent / "labels.nii.gz")
+                write_nifti(tmp / xlab_rel, xlab.T, nifti_affine_2d(radiograph_pixel_matrix(geom)), dtype=np.uint8)
             for side in SIDES:
                 kv = knees[side]
                 place = places[side]
@@ -164,15 +196,22 @@ def generate_subject(cfg: CohortConfig, index: int, root: Path) -> list[dict]:
                 if side == "R":  # order each group left -> right in the image
                     pts = np.concatenate([pts[:9][::-1], pts[9:][::-1]])
                 kdir = vdir / "MR_SAG_3D_DESS" / f"{SIDE_NAMES[side]}_KNEE"
-                # --- DESS MR + labels + analytic thickness maps
-                if cfg.write_mr:
+                # --- DESS MR + labels + analytic thickness maps. MR draws come from their own stream per
+                # (visit, knee) and the markers from theirs (stream 30 + side index), so the radiographs do
+                # not depend on any MR setting (write_mr, spacing, mr_visits, mr_markers).
+                mr_here = cfg.write_mr and (cfg.mr_visits is None or month in cfg.mr_visits)
+                markers = (sample_knee_markers(cfg.seed, index, SIDES.index(side), sub.knees[side].disease, month)
+                           if cfg.mr_markers else None)
+                if mr_here:
+                    mr_rng = subject_rng(cfg.seed, index, 1000 + 10 * month + SIDES.index(side))
                     grid = MRGrid.around_knee(cfg.mr_spacing_mm, cfg.mr_half_extent_mm,
-                                              offset=tuple(rng.normal(0, 1.5, 3)))
-                    sdfs = tissue_sdfs(kv, grid)
+                                              offset=tuple(mr_rng.normal(0, 1.5, 3)))
+                    sdfs = tissue_sdfs(kv, grid, markers)
                     lab = to_pir(label_volume(sdfs, grid.shape), side)
-                    mr = to_pir(dess_signal(sdfs, grid.shape, grid.spacing, rng), side)
-                    centre = ((1.0 if side == "L" else -1.0) * 95.0 + rng.normal(0, 5), rng.normal(0, 5),
-                              rng.normal(0, 5))
+                    mr = to_pir(dess_signal(sdfs, grid.shape, grid.spacing, mr_rng,
+                                            values=marker_signal_values(sdfs, grid, kv, markers)), side)
+                    centre = ((1.0 if side == "L" else -1.0) * 95.0 + mr_rng.normal(0, 5), mr_rng.normal(0, 5),
+                              mr_rng.normal(0, 5))
                     aff = pir_affine_lps(grid, side, centre)
                     mr_u16 = np.round(np.clip(mr * 1500.0, 0, 65535)).astype(np.uint16)
                     if cfg.write_mr_dicom:
@@ -183,28 +222,28 @@ def generate_subject(cfg: CohortConfig, index: int, root: Path) -> list[dict]:
                 maps = kv.thickness_maps((cfg.map_size, cfg.map_size))
                 write_npy(tmp / kdir / "fc_thickness.npy", maps["fc"])
                 write_npy(tmp / kdir / "tc_thickness.npy", maps["tc"])
-                dxa_rel = dxal_rel = ""
-                if cfg.write_dxa and month == cfg.visits[0]:
-                    ddir = vdir / "DXA" / f"{SIDE_NAMES[side]}_KNEE"
-                    dimg, dlab = dxa_image(kv, place, rng=rng)
-                    # i -> patient's left (+X), j -> feet (-Z), k -> posterior (+Y); 0.5 mm pixels
-                    daff = np.array([[0.5, 0, 0, place.centre[0] - 75.0], [0, 0, 1.0, 0],
-                                     [0, -0.5, 0, place.centre[1] + 100.0], [0, 0, 0, 1.0]])
-                    write_nifti(tmp / ddir / "dxa.nii.gz", dimg.T[:, :, None], daff, dtype=np.float32)
-                    write_nifti(tmp / ddir / "dxa_labels.nii.gz", dlab.T[:, :, None], daff, dtype=np.uint8)
-                    dxa_rel, dxal_rel = str(ddir / "dxa.nii.gz"), str(ddir / "dxa_labels.nii.gz")
+                # --- DXA in its own pose (own rng stream per knee) + pair-ready crops of both modalities
+                pair = dict.fromkeys(PAIR_COLUMNS, "")
+                if pair_visit:
+                    folders = {"dxa": vdir / "DXA" / f"{SIDE_NAMES[side]}_KNEE",
+                               "xray": xray_rel.parent / f"{SIDE_NAMES[side]}_KNEE"}
+                    pair.update(write_knee_pair(tmp, folders, kv, side, values, xlab, pts, geom,
+                                                subject_rng(cfg.seed, index, 20 + SIDES.index(side)),
+                                                writer=write_nifti))
                 jsw_m, jsw_l = kv.radiographic_jsw()
                 base = Path("subjects") / sub.subject_id
                 rows.append({
                     "subject_id": sub.subject_id, "side": side, "visit_month": int(month),
                     "xray_dicom": str(base / xray_rel),
-                    "dess_dicom_dir": str(base / kdir / "dicom") if cfg.write_mr and cfg.write_mr_dicom else "",
-                    "dess_nifti": str(base / kdir / "dess.nii.gz") if cfg.write_mr else "",
-                    "labels_nifti": str(base / kdir / "labels.nii.gz") if cfg.write_mr else "",
+                    "dess_dicom_dir": str(base / kdir / "dicom") if mr_here and cfg.write_mr_dicom else "",
+                    "dess_nifti": str(base / kdir / "dess.nii.gz") if mr_here else "",
+                    "labels_nifti": str(base / kdir / "labels.nii.gz") if mr_here else "",
                     "fc_map": str(base / kdir / "fc_thickness.npy"),
                     "tc_map": str(base / kdir / "tc_thickness.npy"),
-                    "dxa_nifti": str(base / dxa_rel) if dxa_rel else "",
-                    "dxa_labels_nifti": str(base / dxal_rel) if dxal_rel else "",
+                    "dxa_nifti": str(base / pair["dxa_nifti"]) if pair["dxa_nifti"] else "",
+                    "dxa_labels_nifti": str(base / pair["dxa_labels_nifti"]) if pair["dxa_labels_nifti"] else "",
+                    "xray_labels": str(base / xlab_rel) if xlab_rel else "",
+                    **{c: str(base / pair[c]) if pair[c] else "" for c in PAIR_COLUMNS[2:]},
                     "landmarks": json.dumps(np.round(pts, 3).tolist()),
                     "joint_centre_x": round(float(pts[4, 0]), 3), "joint_centre_y": round(float(pts[4, 1]), 3),
                     "xray_spacing_mm": cfg.xray_spacing_mm, "xray_monochrome1": int(mono1),
@@ -216,6 +255,8 @@ def generate_subject(cfg: CohortConfig, index: int, root: Path) -> list[dict]:
                     "progression_72m": labels[side][0], "progression_3class": labels[side][1],
                     "age": round(sub.age + month / 12.0, 1), "sex": sub.sex, "bmi": sub.bmi, "site": sub.site,
                     "study_date": patient["StudyDate"],
+                    # MR ground truth (pipeline.cohort.mr_markers): never model inputs
+                    **(markers.row() if markers is not None else dict.fromkeys(MARKER_COLUMNS, "")),
                 })
         info = {"subject": _jsonable(dataclasses.asdict(sub)), "klg_by_month": klg_months}
         write_text_atomic(tmp / "subject.json", json.dumps(info, indent=1, sort_keys=True))

@@ -1,4 +1,4 @@
-"""Bilateral PA knee radiograph and DXA-like image: projections of the same 3D anatomy.
+"""Bilateral PA knee radiograph: the projection of the 3D anatomy (the DXA-like image is in :mod:`.dxa`).
 
 The beam runs along the anatomical AP axis (v). The line integral at each detector pixel is computed
 exactly from the bone solids (:meth:`KneeVisit.chords`) and the soft-tissue envelope (Beer-Lambert,
@@ -123,29 +123,3 @@ def to_detector_values(measured: np.ndarray, bits_stored: int = 12) -> np.ndarra
     top = 2**bits_stored - 1
     v = 0.04 * top + measured * (0.9 * top / 3.6)
     return np.clip(np.round(v), 0, top).astype(np.uint16)
-
-
-def dxa_image(kv: KneeVisit, place: KneePlacement, spacing: float = 0.5, size_mm=(150.0, 200.0),
-              rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """DXA-like single-knee image (areal bone density, soft tissue removed) and its label map.
-
-    Returns ``(image float32 g/cm^2-like, labels uint8)`` on a ``size_mm = (width, height)`` field of view
-    centred on the joint, rows towards the feet, columns towards the patient's left. Labels: 0 background,
-    1 femur, 2 tibia, 3 fibula (tibia drawn over fibula where they overlap).
-    """
-    nx, nz = int(round(size_mm[0] / spacing)), int(round(size_mm[1] / spacing))
-    X = place.centre[0] + (np.arange(nx) - (nx - 1) / 2.0) * spacing
-    Z = place.centre[1] + ((nz - 1) / 2.0 - np.arange(nz)) * spacing
-    XX, ZZ = np.meshgrid(X, Z, indexing="xy")
-    u, w = place.to_knee(XX, ZZ)
-    density = np.zeros(u.shape)
-    labels = np.zeros(u.shape, np.uint8)
-    for bone, lab, dens in (("fibula", 3, 1.0), ("femur", 1, 1.0), ("tibia", 2, 1.0), ("patella", 0, 1.0)):
-        total, cort = kv.chords(u, w, bone)
-        density += dens * (0.035 * (total - cort) + 0.12 * cort)
-        if lab:
-            labels[total > 0] = lab
-    density = ndimage.gaussian_filter(density, 0.6)
-    if rng is not None:
-        density = density + rng.normal(0.0, 0.01, density.shape)
-    return density.astype(np.float32), labels
