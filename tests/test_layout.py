@@ -28,6 +28,7 @@ ALLOWED_CROSS_METHOD = {
     ("cohort", "pipeline.thickness.grid"),  # the cohort's maps are on the thickness atlas grid
     ("landmarks", "pipeline.cohort.generate"),  # landmarks demo builds its cohort
     ("mris", "pipeline.cohort.generate"),  # MRIS demo builds its cohort
+    ("progression", "pipeline.cohort.disease"),  # the 3-class label rule's one home
 }
 #: Shared-layer modules that run a method for the user (inference front ends); everything else in the
 #: shared layer must import no method.
