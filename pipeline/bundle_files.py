@@ -37,6 +37,9 @@ LARGE_FILES_NAME = "large_files.yml"
 HASH_TYPE = "sha256"
 #: Extra ``monai.bundle run training`` arguments of bundles trained in several runs.
 _TRAIN_RUNS = {"kneel": ("--stage global", "--stage local")}
+#: Bundles trained by several configs in order: the command that runs them all.
+_TRAIN_COMMANDS = {"segreg": ("python -m pipeline.registration.demo --out demo_output   (every stage in order; "
+                              "docs/README.md lists each stage's config)",)}
 
 PathLike = Union[str, Path]
 
@@ -77,6 +80,8 @@ def large_files_manifest(bundle_dir: PathLike, paths: Optional[list[str]] = None
     config = f"bundles/{name}/configs/train.json"
     runs = _TRAIN_RUNS.get(name, ("",))
     train = [f"#   python -m monai.bundle run training --config_file {config}{' ' + r if r else ''}" for r in runs]
+    if name in _TRAIN_COMMANDS:
+        train = [f"#   {c}" for c in _TRAIN_COMMANDS[name]]
     lines = [
         f"# Large files of the {name} bundle (MONAI model-zoo format). The weights are trained locally by this",
         "# bundle's training (outputs under bundle_root/models; see docs/README.md for the data options):",

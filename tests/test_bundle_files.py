@@ -20,6 +20,7 @@ MODEL_FILES = {
     "direct_synthesis": ["models/model.pt"],
     "kneel": ["models/global/model.pt", "models/local/model.pt"],
     "mris": ["models/model.pt"],
+    "segreg": ["models/segmenter_dxa.pt", "models/segmenter_xray.pt", "models/stage3.pt"],
 }
 
 
@@ -40,7 +41,7 @@ def test_committed_large_files_parse_and_list_the_config_weights(name):
         assert (bundle / LARGE_FILES_NAME).read_text() == large_files_manifest(bundle)
 
 
-@pytest.mark.parametrize("name", ["dess_seg", "direct_synthesis", "kneel", "mris", "thickness"])
+@pytest.mark.parametrize("name", ["dess_seg", "direct_synthesis", "kneel", "mris", "segreg", "thickness"])
 def test_bundle_license(name):
     text = (BUNDLES / name / "LICENSE").read_text()
     assert "Apache License, Version 2.0" in text and "kneeoa-pipeline" in text

@@ -29,6 +29,7 @@ ALLOWED_CROSS_METHOD = {
     ("landmarks", "pipeline.cohort.generate"),  # landmarks demo builds its cohort
     ("mris", "pipeline.cohort.generate"),  # MRIS demo builds its cohort
     ("progression", "pipeline.cohort.disease"),  # the 3-class label rule's one home
+    ("registration", "pipeline.cohort.generate"),  # segreg demo builds its cohort
 }
 #: Shared-layer modules that run a method for the user (inference front ends); everything else in the
 #: shared layer must import no method.
