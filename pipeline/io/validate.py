@@ -12,6 +12,13 @@ flagged (``low_confidence``) row with a reason, never an ``ok`` row (issue 12, i
   a projection radiograph (:data:`RADIOGRAPH_MODALITIES`).
 * :func:`dess_volume_problems`: a DESS volume file (NIfTI) or array -> errors: unreadable to the end (truncated),
   not 3D, non-finite values, a constant volume, voxel size outside :data:`DESS_SPACING_MM` (0.1-5 mm).
+* :func:`dess_series_problems`: a DICOM series folder (headers only) -> errors: a file that is not readable
+  DICOM, several series in one folder, a single slice (a 2D image), slices of differing orientation or size,
+  a slice normal that is not along the patient's left-right axis (not sagittal, :data:`SAGITTAL_MAX_TILT_DEG`),
+  missing slices (a gap in the ImagePositionPatient spacing, :data:`SLICE_SPACING_TOLERANCE`), duplicates.
+* :func:`sagittal_problem`: the one home of the "is the slice normal left-right" rule (DICOM and NIfTI).
+* :func:`dess_problems`: any DESS input (a NIfTI file or a DICOM series folder) -> errors that each name the
+  file, say what is wrong and what to do; the sagittal-DESS inputs of ``progression_mr`` go through it.
 """
 
 from __future__ import annotations
@@ -23,8 +30,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DESS_SPACING_MM", "RADIOGRAPH_MODALITIES", "RADIOGRAPH_SPACING_MM", "describe_exception",
-           "dess_volume_problems", "radiograph_problems", "root_cause"]
+__all__ = ["DESS_SPACING_MM", "RADIOGRAPH_MODALITIES", "RADIOGRAPH_SPACING_MM", "SAGITTAL_MAX_TILT_DEG",
+           "SLICE_SPACING_TOLERANCE", "describe_exception", "dess_problems", "dess_series_problems",
+           "dess_volume_problems", "nifti_slice_axis", "radiograph_problems", "root_cause", "sagittal_problem"]
 
 #: Plausible pixel spacing (mm) of a knee radiograph: detector pixels are 0.1-0.2 mm; up to 2 mm as the cohort
 #: generator allows (`python -m pipeline cohort --xray-spacing`, its tiny cohorts use 1 mm).
@@ -33,6 +41,13 @@ RADIOGRAPH_SPACING_MM = (0.05, 2.0)
 RADIOGRAPH_MODALITIES = ("DX", "CR", "RG", "DR", "OT", "")
 #: Plausible voxel size (mm) of a knee DESS volume, every axis.
 DESS_SPACING_MM = (0.1, 5.0)
+#: Largest angle (degrees) between the slice normal of a sagittal series and the patient's left-right axis
+#: (sagittal knee series are often tilted 10-20 degrees to follow the femoral condyles; 45 would be as much
+#: coronal or axial as sagittal).
+SAGITTAL_MAX_TILT_DEG = 30.0
+#: Largest relative deviation of one slice step from the series' median step (ImagePositionPatient along the
+#: slice normal); a larger step is a gap (missing slices), a smaller one a duplicate or an irregular series.
+SLICE_SPACING_TOLERANCE = 0.1
 
 _MONAI_WRAPPER = "applying transform"
 
@@ -94,10 +109,11 @@ def radiograph_problems(image: Any, meta: Mapping[str, Any], centre_xy: Sequence
     return errors, flags
 
 
-def dess_volume_problems(source: Any, affine: Any = None, spacing_mm: Sequence[float] = DESS_SPACING_MM
-                         ) -> list[str]:
+def dess_volume_problems(source: Any, affine: Any = None, spacing_mm: Sequence[float] = DESS_SPACING_MM,
+                         needed_for: str = "DESS segmentation") -> list[str]:
     """Errors of a DESS volume: ``source`` a NIfTI path (read to the end here; a DICOM series folder is not
-    checked: []) or an array (with ``affine`` for the voxel size). Empty list = plausible."""
+    checked: []) or an array (with ``affine`` for the voxel size). Empty list = plausible. ``needed_for`` names
+    the use in the "not a 3D volume" message."""
     data = source
     if isinstance(source, (str, os.PathLike)):
         p = Path(source)
@@ -111,7 +127,7 @@ def dess_volume_problems(source: Any, affine: Any = None, spacing_mm: Sequence[f
             return [f"not a readable NIfTI file ({describe_exception(e)})"]
         shape = tuple(int(s) for s in img.shape)
         if len([s for s in shape if s > 1]) < 3 or len(shape) < 3:
-            return [f"not a 3D volume (shape {shape}); DESS segmentation needs a 3D MR volume"]
+            return [f"not a 3D volume (shape {shape}); {needed_for} needs a 3D MR volume"]
         try:
             data = np.asarray(img.dataobj)
         except Exception as e:  # noqa: BLE001 - truncated / corrupt data
@@ -121,7 +137,7 @@ def dess_volume_problems(source: Any, affine: Any = None, spacing_mm: Sequence[f
     shape = arr.shape
     spatial = [s for s in shape if s > 1]
     if len(spatial) < 3:
-        return [f"not a 3D volume (shape {tuple(shape)}); DESS segmentation needs a 3D MR volume"]
+        return [f"not a 3D volume (shape {tuple(shape)}); {needed_for} needs a 3D MR volume"]
     errors = []
     finite = np.isfinite(arr)
     if not finite.all():
@@ -138,3 +154,163 @@ def dess_volume_problems(source: Any, affine: Any = None, spacing_mm: Sequence[f
             errors.append(f"voxel size {np.round(vox, 3).tolist()} mm is outside the plausible range {lo}-{hi} mm "
                           "of a knee DESS volume; check the file's header")
     return errors
+
+
+# --------------------------------------------------------------------------------------- sagittal DESS inputs
+_AXIS_NAMES = ("left-right", "anterior-posterior", "superior-inferior")
+_PLANE_OF_NORMAL = ("sagittal", "coronal", "axial")
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_SERIES_HINT = ("export the complete sagittal DESS series again (every slice file) into its own folder")
+
+
+def sagittal_problem(normal: Sequence[float], max_tilt_deg: float = SAGITTAL_MAX_TILT_DEG) -> str:
+    """``""`` when the slice normal (3 world components, LPS or RAS: only magnitudes are used; any length) lies
+    within ``max_tilt_deg`` of the patient's left-right axis, else why the series is not sagittal."""
+    n = np.asarray(normal, dtype=float).reshape(3)
+    norm = float(np.linalg.norm(n))
+    if not np.isfinite(norm) or norm == 0.0:
+        return "the slice direction is undefined (zero or non-finite orientation vectors)"
+    n = np.abs(n) / norm
+    tilt = float(np.degrees(np.arccos(np.clip(n[0], -1.0, 1.0))))
+    if tilt <= max_tilt_deg:
+        return ""
+    dominant = int(np.argmax(n))
+    plane = _PLANE_OF_NORMAL[dominant] if n[dominant] >= np.cos(np.radians(max_tilt_deg)) else "oblique"
+    return (f"not a sagittal series: the slice normal is {tilt:.0f} degrees from the patient's left-right axis "
+            f"(mostly {_AXIS_NAMES[dominant]}: a {plane} series; at most {max_tilt_deg:g} degrees allowed); "
+            "give the sagittal DESS series (slices stacked medial -> lateral)")
+
+
+def nifti_slice_axis(header: Any, zooms: Sequence[float]) -> int:
+    """Array axis (0-2) of a NIfTI volume's acquisition slices: the header's ``dim_info`` slice axis when set,
+    else the one axis whose voxel size (mm, ``zooms``) is at least 1.2 x both others (thick slices), else axis 2
+    (DICOM -> NIfTI converters keep the slices along the third axis)."""
+    try:
+        _, _, slice_dim = header.get_dim_info()
+    except Exception:  # noqa: BLE001 - no dim_info (e.g. not a NIfTI-1 header)
+        slice_dim = None
+    if slice_dim is not None and 0 <= int(slice_dim) < 3:
+        return int(slice_dim)
+    z = np.asarray(list(zooms)[:3], dtype=float)
+    k = int(np.argmax(z))
+    others = np.delete(z, k)
+    if len(z) == 3 and (z[k] >= 1.2 * others).all():
+        return k
+    return 2
+
+
+def _dicom_files(folder: Path) -> list[Path]:
+    return [p for p in sorted(folder.iterdir())
+            if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR"]
+
+
+def dess_series_problems(folder: str | os.PathLike, max_tilt_deg: float = SAGITTAL_MAX_TILT_DEG,
+                         tolerance: float = SLICE_SPACING_TOLERANCE) -> list[str]:
+    """Errors of a DICOM series folder (one file per slice; headers only are read). Empty list = plausible.
+
+    Checks, in order: every file is readable DICOM with ImageOrientationPatient / ImagePositionPatient (the
+    first unreadable file is named), one SeriesInstanceUID, at least 2 slices (else a 2D image), one
+    orientation and one Rows x Columns, a sagittal slice normal (:func:`sagittal_problem`), and slice steps
+    along the normal within ``tolerance`` (relative) of their median: larger steps are gaps (``n`` missing
+    slices between two named files), near-zero steps duplicates, anything else an irregular series.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from pipeline.io.dicom import quiet_pydicom
+
+    root = Path(folder)
+    if not root.is_dir():
+        return [f"{root}: not a folder of DICOM files"]
+    files = _dicom_files(root)
+    if not files:
+        return [f"{root}: the folder holds no files; a DICOM series folder holds one file per slice"]
+    headers = []
+    with quiet_pydicom():
+        for f in files:
+            try:
+                ds = pydicom.dcmread(f, stop_before_pixels=True)
+            except InvalidDicomError:
+                return [f"{f}: not a DICOM file (no DICM header); remove it from the series folder or "
+                        f"{_SERIES_HINT}"]
+            except Exception as e:  # noqa: BLE001 - truncated header, bad VR, unreadable file
+                return [f"{f}: not a readable DICOM file ({describe_exception(e)}); {_SERIES_HINT}"]
+            if "ImageOrientationPatient" not in ds or "ImagePositionPatient" not in ds:
+                return [f"{f}: no ImageOrientationPatient / ImagePositionPatient (not a cross-sectional MR "
+                        f"slice); {_SERIES_HINT}"]
+            headers.append((f, ds))
+    uids = {str(getattr(ds, "SeriesInstanceUID", "")) for _, ds in headers}
+    if len(uids) > 1:
+        return [f"{root}: {len(uids)} series (SeriesInstanceUID) in one folder; put each series in its own folder"]
+    frames = int(getattr(headers[0][1], "NumberOfFrames", 1) or 1)
+    if len(headers) < 2 and frames <= 1:
+        return [f"{root}: a 2D image (one slice, {headers[0][0].name}), not a 3D DESS series; give the folder of "
+                "the whole sagittal series"]
+    if len(headers) < 2:
+        return [f"{headers[0][0]}: a multi-frame DICOM file; give the series as one file per slice"]
+    iops = np.array([[float(v) for v in ds.ImageOrientationPatient] for _, ds in headers])
+    sizes = {(int(getattr(ds, "Rows", 0)), int(getattr(ds, "Columns", 0))) for _, ds in headers}
+    errors: list[str] = []
+    if iops.shape[1] != 6 or np.abs(iops - iops[0]).max() > 1e-3:
+        errors.append(f"{root}: the slices have different orientations (ImageOrientationPatient); {_SERIES_HINT}")
+    if len(sizes) > 1:
+        errors.append(f"{root}: the slices have different sizes (Rows x Columns {sorted(sizes)}); {_SERIES_HINT}")
+    if errors:
+        return errors
+    normal = np.cross(iops[0, :3], iops[0, 3:])
+    sag = sagittal_problem(normal, max_tilt_deg)
+    if sag:
+        errors.append(f"{root}: {sag}")
+    pos = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in headers]) @ normal
+    order = np.argsort(pos, kind="stable")
+    steps = np.diff(pos[order])
+    step = float(np.median(steps))
+    names = [headers[i][0].name for i in order]
+    if step <= 1e-6:
+        errors.append(f"{root}: most slices share one position along the slice normal (duplicates); "
+                      f"{_SERIES_HINT}")
+        return errors
+    for i, d in enumerate(steps):
+        if abs(d - step) <= tolerance * step + 1e-3:
+            continue
+        where = f"between {names[i]} and {names[i + 1]} ({pos[order][i]:.2f} and {pos[order][i + 1]:.2f} mm)"
+        ratio = d / step
+        if d <= 1e-3 + tolerance * step:
+            errors.append(f"{root}: two slices at one position {where}: a duplicate slice; {_SERIES_HINT}")
+        elif abs(ratio - round(ratio)) <= tolerance and round(ratio) >= 2:
+            errors.append(f"{root}: {int(round(ratio)) - 1} missing slice(s) {where}: a gap of {d:.2f} mm where "
+                          f"the slice spacing is {step:.2f} mm; {_SERIES_HINT}")
+        else:
+            errors.append(f"{root}: irregular slice spacing {where}: a step of {d:.2f} mm where the spacing is "
+                          f"{step:.2f} mm; {_SERIES_HINT}")
+        break  # the first problem says what to do; the rest would repeat it
+    return errors
+
+
+def dess_problems(source: str | os.PathLike, max_tilt_deg: float = SAGITTAL_MAX_TILT_DEG,
+                  needed_for: str = "the progression model") -> list[str]:
+    """Errors of one sagittal DESS input, each naming the file and what to do; empty list = plausible.
+
+    ``source``: a DICOM series folder (:func:`dess_series_problems`) or a NIfTI file (:func:`dess_volume_problems`
+    -- readable to the end, 3D, finite, not blank, voxel size -- then the slice axis of :func:`nifti_slice_axis`
+    must be sagittal, :func:`sagittal_problem`). Anything else (a missing path, another file type) is an error.
+    """
+    p = Path(source)
+    if not p.exists():
+        return [f"{p}: not found"]
+    if p.is_dir():
+        return dess_series_problems(p, max_tilt_deg)
+    if not p.name.lower().endswith(_NIFTI_SUFFIXES):
+        return [f"{p}: not a DESS volume (expected a NIfTI file .nii / .nii.gz or a folder holding one DICOM "
+                "series, one file per slice)"]
+    errors = dess_volume_problems(p, needed_for=needed_for)
+    if errors:
+        what = "convert the series again (e.g. dcm2niix) or give the DICOM series folder"
+        return [f"{p}: {e}; {what}" if e.startswith(("not a readable", "cannot read")) else f"{p}: {e}"
+                for e in errors]
+    import nibabel as nib
+
+    img = nib.load(str(p))
+    axis = nifti_slice_axis(img.header, img.header.get_zooms())
+    sag = sagittal_problem(np.asarray(img.affine)[:3, axis], max_tilt_deg)
+    return [f"{p}: {sag} (slices along array axis {axis})"] if sag else []
