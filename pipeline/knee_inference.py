@@ -21,8 +21,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,7 @@ from tqdm import tqdm
 from pipeline.conventions import JOINT_CENTRE_IDX, MAP_KEYS
 from pipeline.io.atomic import write_text_atomic
 from pipeline.io.dicom import list_radiographs, read_radiograph
+from pipeline.io.paths import contained_path, name_problems
 from pipeline.io.results import (
     DEFAULT_VMAX_MM,
     FAILED,
@@ -49,6 +52,7 @@ from pipeline.io.results import (
     save_map_png,
     write_manifest,
 )
+from pipeline.io.run_state import RunState, file_stamp
 from pipeline.io.validate import describe_exception, radiograph_problems
 from pipeline.user_errors import MissingInputError, UserInputError
 from transforms.roi import knee_roi_record
@@ -213,6 +217,11 @@ class KneeMapWriter(MapResultWriter):
         #: the same folder are not this run's outputs).
         self.written: dict[str, list[Path]] = {}
 
+    def settings(self) -> dict[str, Any]:
+        """What decides this writer's files (compared between runs into one folder)."""
+        return {"class": f"{type(self).__module__}.{type(self).__qualname__}", "png": self.png, "dicom": self.dicom,
+                "vmax": self.vmax, "label": self.label, "model": self.model}
+
     def __call__(self, out_dir: Path, name: str, maps: Mapping[str, np.ndarray],
                  neighbours: pd.DataFrame | None = None, roi: Mapping[str, Any] | None = None,
                  source: Any = None, **record: Any) -> Path:
@@ -328,59 +337,147 @@ def knee_name(f: Path, root: Path, side: str) -> str:
     return item_name(f, root, side)
 
 
+def _job_files(run: KneeRun) -> list[Path]:
+    """The files whose knees will be written (a landmark row naming a missing file is a failed row only)."""
+    return list(run.jobs.files) if isinstance(run.jobs, KneelKnees) else [f for f, rows in run.jobs if rows]
+
+
+def _remove_knee_folder(out_dir: Path, name: str) -> None:
+    """Delete what an unfinished knee left in its own folder (``out_dir / name``)."""
+    with contextlib.suppress(UserInputError, OSError):
+        kdir = contained_path(out_dir, name)
+        if kdir.is_dir():
+            shutil.rmtree(kdir)
+
+
 def run_knees(run: KneeRun, preprocessing: Callable[[dict], dict],
               predict: Callable[[torch.Tensor], tuple[Mapping[str, np.ndarray], dict]],
               writer: Callable[..., Path], output_dir: str | Path, summary: Mapping[str, Any],
-              desc: str = "inference", progress: bool = True) -> dict[str, Any]:
+              desc: str = "inference", progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Every knee of ``run``: ``preprocessing`` -> ``predict(x)`` (``x``: ``1 x 1 x S x S`` float32 on the CPU)
     returning ``(maps {fc, tc} in mm, extras)`` -> ``writer(output_dir, name, maps, roi=roi, **writer_args)``
     where ``extras["writer_args"]`` are passed on and the other extras go into the knee's summary record;
     ``roi`` is the ROI record of the network input (:func:`transforms.roi.knee_roi_record`; None when the chain
     keeps no crop record), also in the knee's summary record; ``source`` is the radiograph's path (the
     identifiers of DICOM outputs). Writes and returns ``summary.json`` = ``summary`` + landmark source, counts,
-    knees and failures, and writes the outputs manifest ``outputs.csv`` (:func:`write_knee_manifest`)."""
+    knees and failures, and writes the outputs manifest ``outputs.csv`` (:func:`write_knee_manifest`).
+
+    Output names (``<file below the input folder>_<side>``) are checked (:func:`pipeline.io.paths.name_problems`:
+    unsafe names and names shared by two inputs are failed rows, nothing written). Re-runs, lock and
+    interruption (:class:`pipeline.io.run_state.RunState`; ``summary``, the landmark source, ``preprocessing``
+    and ``writer`` are the settings): a run into a folder of a run with the same settings resumes (a knee whose
+    radiograph and joint centre are unchanged and whose files are all there is kept, the others are redone);
+    other settings are refused unless ``overwrite``; Ctrl-C / SIGTERM write the manifest and summary of the
+    complete knees (``"interrupted": true``) and re-raise. With the KNEEL model as landmark source the knees of
+    a kept file are still located (the model runs) before they are skipped."""
     out_dir = Path(output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    root = run.root
+    source = run.source if isinstance(run.source, str) else {
+        k: [v, file_stamp(v)] for k, v in dict(run.source).items()}
+    settings = {"summary": dict(summary), "landmarks_source": source, "preprocessing": preprocessing,
+                "writer": writer, "predict": desc}
+    files = _job_files(run)
+    bad_names = {str(Path(files[i]).resolve()): reason for i, reason in name_problems(
+        [item_name(f, root) for f in files], files, "input file name").items()}
     knees: list[dict[str, Any]] = []
     failures: list[dict[str, str]] = []
-    for f, rows in tqdm(run.jobs, desc=desc, unit="file", disable=not progress):
-        if not rows:
-            failures.append({"file": str(f), "error": run.problems.get(
-                str(f.resolve()), "no landmarks for this file in the landmarks table")})
-            continue
-        decoded, read_error = _decode_once(f, rows)
-        for r in rows:
-            name = knee_name(f, run.root, r["side"])
-            if read_error:
-                failures.append({"file": str(f), "side": r["side"], "error": read_error})
-                continue
-            errors, flags = radiograph_problems(decoded, decoded.meta, (r["x"], r["y"]))
-            if errors:  # garbage in: a failed row with the reason, never maps that look fine
-                failures.append({"file": str(f), "side": r["side"], "error": "implausible input: " + "; ".join(errors)})
-                logger.warning("%s skipped %s (%s): %s", desc, f, r["side"], "; ".join(errors))
-                continue
-            try:
-                x = preprocessing({"image": decoded, "centre": (r["x"], r["y"]), "side": r["side"]})["image"]
-                roi = knee_roi_record(x)
-                x = torch.as_tensor(x).as_subclass(torch.Tensor).float()[None]
-                maps, extras = predict(x)
-                extras = dict(extras)
-                kdir = writer(out_dir, name, maps, roi=roi, **{"source": str(f), **extras.pop("writer_args", {})})
-            except Exception as e:  # one bad file (or a failed write) must not stop the others
-                failures.append({"file": str(f), "side": r["side"], "error": describe_exception(e)})
-                logger.warning("%s failed for %s (%s): %s", desc, f, r["side"], describe_exception(e))
-                logger.debug("%s failed for %s (%s)", desc, f, r["side"], exc_info=True)
-                continue
-            lm_info = {k: r[k] for k in ("landmark_status", "landmark_confidence", "landmark_message") if k in r}
-            if flags:  # e.g. a CT / MR file: written, but flagged and not counted as ok
-                lm_info["flagged"] = "; ".join(flags)
-            knees.append({"knee": name, "file": str(f), "side": r["side"], "centre_xy": [r["x"], r["y"]], **lm_info,
-                          "folder": str(kdir), "mean_thickness_mm": {kk: _finite_or_none(maps[kk]) for kk in MAP_KEYS},
-                          "roi": roi, **extras})
+    written: dict[str, list[Path]] = {}
+    notes: dict[str, str] = {}
+    with RunState(out_dir, settings, desc, overwrite) as state:
+        current = None
+        try:
+            for f, rows in tqdm(run.jobs, desc=desc, unit="file", disable=not progress):
+                if not rows:
+                    failures.append({"file": str(f), "error": run.problems.get(
+                        str(f.resolve()), "no landmarks for this file in the landmarks table")})
+                    continue
+                decoded, read_error = None, ""
+                for r in rows:
+                    name = knee_name(f, root, r["side"])
+                    bad = bad_names.get(str(f.resolve()))
+                    if bad:
+                        failures.append({"file": str(f), "side": r["side"], "error": bad})
+                        continue
+                    stamp = file_stamp(f, r["side"], r["x"], r["y"])
+                    prev = state.previous(name, stamp)
+                    if prev is not None:  # resumed: the earlier run's complete knee stands
+                        knees.append(prev["record"]["knee"])
+                        written[name] = [state.path(p) for p in prev["outputs"]]
+                        notes[name] = prev["record"].get("note", "")
+                        continue
+                    state.forget(name)
+                    if decoded is None and not read_error:
+                        decoded, read_error = _decode_once(f, rows)
+                    if read_error:
+                        failures.append({"file": str(f), "side": r["side"], "error": read_error})
+                        continue
+                    errors, flags = radiograph_problems(decoded, decoded.meta, (r["x"], r["y"]))
+                    if errors:  # garbage in: a failed row with the reason, never maps that look fine
+                        failures.append({"file": str(f), "side": r["side"],
+                                         "error": "implausible input: " + "; ".join(errors)})
+                        logger.warning("%s skipped %s (%s): %s", desc, f, r["side"], "; ".join(errors))
+                        continue
+                    current = name
+                    try:
+                        contained_path(out_dir, name)
+                        x = preprocessing({"image": decoded, "centre": (r["x"], r["y"]), "side": r["side"]})["image"]
+                        roi = knee_roi_record(x)
+                        x = torch.as_tensor(x).as_subclass(torch.Tensor).float()[None]
+                        maps, extras = predict(x)
+                        extras = dict(extras)
+                        kdir = writer(out_dir, name, maps, roi=roi,
+                                      **{"source": str(f), **extras.pop("writer_args", {})})
+                    except Exception as e:  # one bad file (or a failed write) must not stop the others
+                        _remove_knee_folder(out_dir, name)
+                        current = None
+                        failures.append({"file": str(f), "side": r["side"], "error": describe_exception(e)})
+                        logger.warning("%s failed for %s (%s): %s", desc, f, r["side"], describe_exception(e))
+                        logger.debug("%s failed for %s (%s)", desc, f, r["side"], exc_info=True)
+                        continue
+                    lm_info = {k: r[k] for k in ("landmark_status", "landmark_confidence", "landmark_message")
+                               if k in r}
+                    if flags:  # e.g. a CT / MR file: written, but flagged and not counted as ok
+                        lm_info["flagged"] = "; ".join(flags)
+                    knee = {"knee": name, "file": str(f), "side": r["side"], "centre_xy": [r["x"], r["y"]],
+                            **lm_info, "folder": str(kdir),
+                            "mean_thickness_mm": {kk: _finite_or_none(maps[kk]) for kk in MAP_KEYS},
+                            "roi": roi, **extras}
+                    knee = json.loads(json.dumps(knee, default=_jsonable))  # as the journal and summary keep it
+                    done = list(getattr(writer, "written", {}).get(name, ())) or sorted(
+                        p for p in Path(kdir).iterdir() if p.is_file() and not p.name.startswith("."))
+                    note = getattr(writer, "notes", {}).get(name, "")
+                    state.record(name, stamp, done, {"knee": knee, "note": note})
+                    knees.append(knee)
+                    written[name], notes[name] = done, note
+                    current = None
+        except KeyboardInterrupt:
+            if current is not None:
+                _remove_knee_folder(out_dir, current)  # the knee being written when the run stopped
+            _finish(state, out_dir, run, summary, knees, failures, written, notes, interrupted=True)
+            logger.warning("%s interrupted: %s lists the %d complete knee(s); run the same command again to resume",
+                           desc, out_dir / OUTPUTS_MANIFEST, len(knees))
+            raise
+        return _finish(state, out_dir, run, summary, knees, failures, written, notes)
+
+
+def _finish(state: RunState, out_dir: Path, run: KneeRun, summary: Mapping[str, Any], knees: list[dict],
+            failures: list[dict], written: dict[str, list], notes: dict[str, str], interrupted: bool = False
+            ) -> dict[str, Any]:
+    """Write ``summary.json`` and ``outputs.csv`` (the complete knees of this run, then those of an earlier run
+    in the folder that this one did not reach: their files are there); returns the summary."""
     n_flagged = sum(1 for k in knees if k.get("flagged") or k.get("landmark_status") == "low_confidence")
     result = {**summary, "landmarks_source": run.source, "n_files": len(run.files),
-              "n_knees_ok": len(knees) - n_flagged, "n_knees_flagged": n_flagged, "n_failed": len(failures), "knees": knees, "failures": failures}
+              "n_knees_ok": len(knees) - n_flagged, "n_knees_flagged": n_flagged, "n_failed": len(failures),
+              "knees": knees, "failures": failures}
+    if interrupted:
+        result["interrupted"] = True
+    listed = list(knees)
+    written, notes = dict(written), dict(notes)
+    for e in state.unreached():
+        if "knee" in e.get("record", {}):
+            listed.append(e["record"]["knee"])
+            written[e["item"]] = [state.path(p) for p in e["outputs"]]
+            notes[e["item"]] = e["record"].get("note", "")
     write_text_atomic(out_dir / "summary.json", json.dumps(result, indent=2, default=str))
-    write_knee_manifest(out_dir, run.root, knees, failures, getattr(writer, "notes", None),
-                        getattr(writer, "written", None))
+    write_knee_manifest(out_dir, run.root, listed, failures, notes, written)
     return result

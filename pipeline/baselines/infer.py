@@ -84,8 +84,8 @@ def run_inference(network: torch.nn.Module | None, checkpoint: str | Path, input
                   image_size: int | None = None, net_kwargs: Mapping[str, Any] | None = None,
                   map_size: int | Sequence[int] = 128, device: torch.device | str = "cpu", png: bool = True,
                   progress: bool = True, kneel_global_ckpt: Any = None, kneel_local_ckpt: Any = None,
-                  preprocessing: Callable[[dict], dict] | None = None, writer: Callable[..., Path] | None = None
-                  ) -> dict[str, Any]:
+                  preprocessing: Callable[[dict], dict] | None = None, writer: Callable[..., Path] | None = None,
+                  overwrite: bool = False) -> dict[str, Any]:
     """Synthesize FC/TC maps for every knee of ``input`` with a trained generator; returns (and writes) the
     summary dict. See the module docstring for the inputs and outputs.
 
@@ -95,7 +95,9 @@ def run_inference(network: torch.nn.Module | None, checkpoint: str | Path, input
     Knees come from ``landmarks`` if given, else from the KNEEL model (``kneel_global_ckpt`` [+
     ``kneel_local_ckpt``]); with neither, :class:`pipeline.knee_inference.LandmarksRequiredError` is raised.
     ``preprocessing`` / ``writer``: as in :func:`pipeline.mris.infer.run_inference` (defaults: the training
-    radiograph chain, :class:`pipeline.knee_inference.KneeMapWriter`)."""
+    radiograph chain, :class:`pipeline.knee_inference.KneeMapWriter`). ``overwrite``: replace the outputs of an
+    earlier run with other settings in ``output_dir`` (same settings: the run resumes; see
+    :func:`pipeline.knee_inference.run_knees`)."""
     masks = atlas_footprints(map_size)
     run = find_knees(input, landmarks, kneel_global_ckpt, kneel_local_ckpt, device, progress)
     kwargs = {k: v for k, v in dict(net_kwargs or {}).items() if v is not None}
@@ -120,4 +122,4 @@ def run_inference(network: torch.nn.Module | None, checkpoint: str | Path, input
     chain = preprocessing if preprocessing is not None else Compose(radiograph_transforms(image_size))
     writer = writer if writer is not None else KneeMapWriter(png=png, label=f"synthesized ({method})")
     return run_knees(run, chain, predict, writer, output_dir, summary, desc="direct synthesis inference",
-                     progress=progress)
+                     progress=progress, overwrite=overwrite)

@@ -39,7 +39,8 @@ from typing import Union
 from pipeline.user_errors import UserInputError
 
 __all__ = ["DATA_EXTENSIONS", "MAX_NAME_LEN", "OutputLockedError", "OutsideOutputError", "UnsafeNameError",
-           "contained_path", "find_collisions", "name_from_path", "output_lock", "safe_name", "strip_data_extension"]
+           "contained_path", "find_collisions", "name_from_path", "name_problems", "output_lock", "safe_name",
+           "strip_data_extension"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,28 @@ def find_collisions(names: Iterable[str]) -> dict[str, list[int]]:
         first.setdefault(key, str(n))
         groups[key].append(i)
     return {first[k]: v for k, v in groups.items() if len(v) > 1}
+
+
+def name_problems(names: Iterable[str], sources: Iterable[object] | None = None, what: str = "item name"
+                  ) -> dict[int, str]:
+    """``{index: reason}`` for every output name that cannot be used: unsafe (:func:`safe_name`) or shared with
+    another input (:func:`find_collisions`; ``sources`` name the inputs in the message). The others are fine."""
+    names = [str(n) for n in names]
+    srcs = [str(s) for s in sources] if sources is not None else names
+    problems: dict[int, str] = {}
+    for i, n in enumerate(names):
+        try:
+            safe_name(n, what)
+        except UnsafeNameError as e:
+            problems[i] = f"unsafe output name: {e}"
+    ok = [i for i in range(len(names)) if i not in problems]
+    for name, idx in find_collisions([names[i] for i in ok]).items():
+        group = [ok[j] for j in idx]
+        shared = ", ".join(srcs[j] for j in group)
+        for j in group:
+            problems[j] = (f"output name {name!r} is shared by {len(group)} inputs ({shared}); their outputs would "
+                           "overwrite each other, so none is written: rename the inputs")
+    return problems
 
 
 #: Seconds a lock file without readable contents counts as "being written" (not stale).

@@ -62,6 +62,7 @@ from pipeline.geometry import apply_matrix, permute_if_flipped
 from pipeline.io.atomic import write_text_atomic
 from pipeline.io.dicom import RadiographReadError, list_radiographs, read_radiograph
 from pipeline.io.dicom_out import write_secondary_capture
+from pipeline.io.paths import contained_path, name_problems
 from pipeline.io.results import (
     OUTPUTS_MANIFEST,
     item_name,
@@ -70,6 +71,7 @@ from pipeline.io.results import (
     save_figure,
     write_manifest,
 )
+from pipeline.io.run_state import RunState, file_stamp, weights_digest
 from pipeline.io.validate import radiograph_problems
 from pipeline.landmarks.data import normalise_canvas
 from pipeline.landmarks.engine import LandmarkCheckpointError, load_landmark_model
@@ -465,7 +467,7 @@ def save_overlay(path: PathLike, image: np.ndarray, rows: Sequence[dict[str, Any
 def run_folder(input: PathLike, output_dir: PathLike, global_ckpt: Checkpoints, local_ckpt: Checkpoints | None = None,
                device: torch.device | str = "cpu", layout: str = "auto", tta: bool = True, refine: bool = False,
                overlays: bool = True, progress: bool = True, localiser: KneeLocaliser | None = None,
-               dicom: bool = False, **kwargs: Any) -> pd.DataFrame:
+               dicom: bool = False, overwrite: bool = False, **kwargs: Any) -> pd.DataFrame:
     """Inference bundle: every radiograph of ``input`` (file or folder) -> ``output_dir/landmarks.csv``
     (columns: module docstring), ``output_dir/overlays/<file>.png``, ``output_dir/summary.json`` and the outputs
     manifest ``output_dir/outputs.csv`` (:mod:`pipeline.io.results`: one row per knee, item ``<file>_<side>``,
@@ -474,35 +476,101 @@ def run_folder(input: PathLike, output_dir: PathLike, global_ckpt: Checkpoints, 
     study identifiers of its radiograph (:func:`pipeline.io.dicom_out.write_secondary_capture`).
 
     ``localiser``: a ready :class:`KneeLocaliser` (the ``localiser`` component of
-    ``bundles/kneel/configs/inference.json``); default: built from the checkpoints and the other arguments."""
+    ``bundles/kneel/configs/inference.json``); default: built from the checkpoints and the other arguments.
+
+    Output names (the file's path below the input folder) are checked (:func:`pipeline.io.paths.name_problems`:
+    an unsafe name or one shared by two inputs is an ``error`` row, nothing written). Re-runs, lock and
+    interruption (:class:`pipeline.io.run_state.RunState`; the settings are the localiser's -- checkpoint
+    digests, layout, thresholds -- and ``overlays`` / ``dicom``): a run into a folder of a run with the same
+    settings resumes (a file that is unchanged, had no error and whose overlays are all there is kept, the
+    others are redone); other settings are refused unless ``overwrite``; Ctrl-C / SIGTERM write
+    ``landmarks.csv``, ``summary.json`` (``"interrupted": true``) and the manifest of the complete files, then
+    re-raise."""
     inp = Path(input)
     if not inp.exists():
         raise FileNotFoundError(f"input not found: {inp} (a DICOM file or a folder of DICOM files)")
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     loc = localiser if localiser is not None else KneeLocaliser(global_ckpt, local_ckpt, device=device, layout=layout,
                                                                 tta=tta, refine=refine, **kwargs)
+    root = inp if inp.is_dir() else inp.parent
+    files = _files(inp)
+    names = [item_name(f, root) for f in files]
+    bad = name_problems(names, files, "input file name")
     rows: list[dict[str, Any]] = []
     manifest: list[dict[str, Any]] = []
-    root = inp if inp.is_dir() else inp.parent
-    for f in tqdm(_files(inp), desc="KNEEL landmarks", unit="image", disable=not progress):
-        r, img, _ = loc.locate(f)  # the overlay shows the pixels the landmarks were found on (decoded once)
-        rows += r
-        name, files, notes = item_name(f, root), [], []
-        if overlays and img is not None and r and r[0]["status"] != "error":
-            try:
-                files.append(save_overlay(out / "overlays" / f"{name}.png", img, r))
-                if dicom:
-                    files.append(write_secondary_capture(out / "overlays" / f"{name}.dcm", files[0], f, name,
-                                                         "KNEEL landmarks overlay", model="kneel"))
-            except Exception as e:  # noqa: BLE001 - an overlay must not stop the folder
-                logger.warning("overlay failed for %s: %s", f, e)
-                notes.append(f"overlay not written: {type(e).__name__}: {e}")
-        for k in r:
-            reason = "; ".join([k["message"], *notes] if k["message"] else notes)
-            manifest.append(manifest_row(item_name(f, root, k["side"]), k["status"], reason, files, out,
-                                         {"file": k["file"], "side": k["side"], "x": k["x"], "y": k["y"],
-                                          "confidence": k["confidence"]}))
+    with RunState(out, _settings(loc, overlays, dicom), "KNEEL inference", overwrite) as state:
+        current: list[Path] | None = None
+        try:
+            for i, f in enumerate(tqdm(files, desc="KNEEL landmarks", unit="image", disable=not progress)):
+                name, stamp = names[i], file_stamp(f)
+                if i in bad:
+                    r = [_error_row(f, bad[i])]
+                    rows += r
+                    manifest += _manifest_rows(f, root, r, [], [], out)
+                    continue
+                prev = state.previous(name, stamp)
+                if prev is not None:  # resumed: the earlier run's rows and overlays stand
+                    rows += prev["record"]["rows"]
+                    manifest += prev["record"]["manifest"]
+                    continue
+                state.forget(name)
+                r, img, _ = loc.locate(f)  # the overlay shows the pixels the landmarks were found on (decoded once)
+                done, notes = [], []
+                current = [out / "overlays" / f"{name}.png", out / "overlays" / f"{name}.dcm"]
+                if overlays and img is not None and r and r[0]["status"] != "error":
+                    try:
+                        done.append(save_overlay(contained_path(out, "overlays", f"{name}.png"), img, r))
+                        if dicom:
+                            done.append(write_secondary_capture(contained_path(out, "overlays", f"{name}.dcm"),
+                                                                done[0], f, name, "KNEEL landmarks overlay",
+                                                                model="kneel"))
+                    except Exception as e:  # noqa: BLE001 - an overlay must not stop the folder
+                        logger.warning("overlay failed for %s: %s", f, e)
+                        notes.append(f"overlay not written: {type(e).__name__}: {e}")
+                m = _manifest_rows(f, root, r, done, notes, out)
+                rows += r
+                manifest += m
+                if r and all(k["status"] != "error" for k in r):
+                    state.record(name, stamp, done, {"rows": r, "manifest": m})
+                current = None
+        except KeyboardInterrupt:
+            if current is not None:
+                state.remove(current)  # the overlay being written when the run stopped
+            _write_outputs(out, rows, manifest, state, global_ckpt, local_ckpt, interrupted=True)
+            logger.warning("KNEEL inference interrupted: %s lists the complete files; run the same command again "
+                           "to resume", out / OUTPUTS_MANIFEST)
+            raise
+        return _write_outputs(out, rows, manifest, state, global_ckpt, local_ckpt)
+
+
+def _settings(loc: KneeLocaliser, overlays: bool, dicom: bool) -> dict[str, Any]:
+    """What decides the outputs of :func:`run_folder` (compared between runs into one folder)."""
+    return {"global": [weights_digest(m) for m in loc.glob.models],
+            "local": [weights_digest(m) for m in loc.loc.models] if loc.loc is not None else [],
+            "layout": loc.layout, "tta": loc.tta, "refine": loc.refine, "min_confidence": loc.min_confidence,
+            "max_disagreement_mm": loc.max_disagreement_mm, "missing_spacing_mm": loc.missing_spacing_mm,
+            "min_bilateral_width_mm": loc.min_bilateral_width_mm, "min_field_mm": loc.min_field_mm,
+            "overlays": bool(overlays), "dicom": bool(dicom)}
+
+
+def _manifest_rows(f: Path, root: Path, rows: list[dict[str, Any]], files: list, notes: list[str], out: Path
+                   ) -> list[dict[str, Any]]:
+    manifest = []
+    for k in rows:
+        reason = "; ".join([k["message"], *notes] if k["message"] else notes)
+        manifest.append(manifest_row(item_name(f, root, k["side"]), k["status"], reason, files, out,
+                                     {"file": k["file"], "side": k["side"], "x": k["x"], "y": k["y"],
+                                      "confidence": k["confidence"]}))
+    return manifest
+
+
+def _write_outputs(out: Path, rows: list[dict[str, Any]], manifest: list[dict[str, Any]], state: RunState,
+                   global_ckpt: Checkpoints, local_ckpt: Checkpoints | None, interrupted: bool = False
+                   ) -> pd.DataFrame:
+    """``landmarks.csv``, ``summary.json`` and ``outputs.csv`` of :func:`run_folder` (the manifest also lists the
+    complete files of an earlier run in the folder that this one did not reach: their overlays are there)."""
+    for e in state.unreached():
+        manifest = manifest + list(e["record"].get("manifest", []))
     df = pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
     save_csv(out / "landmarks.csv", df)
     summary = {
@@ -516,6 +584,8 @@ def run_folder(input: PathLike, output_dir: PathLike, global_ckpt: Checkpoints, 
         "problems": [{"file": r["file"], "side": r["side"], "status": r["status"], "message": r["message"]}
                      for r in rows if r["status"] != "ok"],
     }
+    if interrupted:
+        summary["interrupted"] = True
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     write_manifest(out / OUTPUTS_MANIFEST, manifest)
     return df

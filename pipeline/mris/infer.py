@@ -64,7 +64,7 @@ def run_inference(network: torch.nn.Module, checkpoint: str | Path, input: str |
                   device: torch.device | str = "cpu", png: bool = True, progress: bool = True,
                   kneel_global_ckpt: Any = None, kneel_local_ckpt: Any = None,
                   preprocessing: Callable[[dict], dict] | None = None,
-                  writer: Callable[..., Path] | None = None) -> dict[str, Any]:
+                  writer: Callable[..., Path] | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Synthesize FC/TC maps for every knee with landmarks; returns (and writes) the summary dict.
 
     Knees come from ``landmarks`` if given, else from the KNEEL model (``kneel_global_ckpt`` [+
@@ -72,7 +72,9 @@ def run_inference(network: torch.nn.Module, checkpoint: str | Path, input: str |
     radiograph chain applied to ``{"image": path, "centre": (x, y), "side": "R"|"L"}`` (default
     :func:`pipeline.mris.data.radiograph_transforms` at ``image_size``, as in training); ``writer``: writes
     one knee (default :class:`KneeMapWriter` with ``png``). ``variant`` / ``image_size``: ``None`` = as the
-    checkpoint records them (:func:`pipeline.mris.engine.run_settings`)."""
+    checkpoint records them (:func:`pipeline.mris.engine.run_settings`). ``overwrite``: replace the outputs of
+    an earlier run with other settings in ``output_dir`` (same settings: the run resumes; see
+    :func:`pipeline.knee_inference.run_knees`)."""
     run = find_knees(input, landmarks, kneel_global_ckpt, kneel_local_ckpt, device, progress)
     load_weights(network, checkpoint, train=TRAIN_COMMAND)
     variant, image_size = run_settings(network, variant, image_size)
@@ -113,4 +115,4 @@ def run_inference(network: torch.nn.Module, checkpoint: str | Path, input: str |
     }
     chain = preprocessing if preprocessing is not None else Compose(radiograph_transforms(image_size))
     return run_knees(run, chain, predict, writer if writer is not None else KneeMapWriter(png=png), output_dir,
-                     summary, desc="MRIS inference", progress=progress)
+                     summary, desc="MRIS inference", progress=progress, overwrite=overwrite)

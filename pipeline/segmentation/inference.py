@@ -21,6 +21,7 @@ study identifiers). A NIfTI input gets no SEG (a SEG needs its source series); i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import traceback
 from pathlib import Path
@@ -30,7 +31,9 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.io.checkpoints import load_weights
+from pipeline.io.paths import find_collisions
 from pipeline.io.results import FAILED, OK, OUTPUTS_MANIFEST, manifest_row, save_csv, write_manifest
+from pipeline.io.run_state import RunState, file_stamp, weights_digest
 from pipeline.io.validate import describe_exception, dess_volume_problems
 
 from .transforms import FLIP_META_KEY
@@ -61,12 +64,14 @@ class SafeInferenceRunner:
         output_key: key under which ``postprocessing``'s ``SaveImaged`` leaves the saved tensor; its
             ``meta["saved_to"]`` is reported when present.
         dicom: also write a DICOM SEG of every prediction whose input is a DICOM series (module docstring).
+        overwrite: replace the outputs of an earlier run with other settings in ``output_dir`` (same settings:
+            the run resumes; :meth:`run`).
     """
 
     def __init__(self, datalist: Sequence[dict], preprocessing: Callable, network: torch.nn.Module,
                  inferer: Callable, postprocessing: Callable, output_dir: str,
                  device: torch.device | str = "cpu", checkpoint: Optional[str] = None,
-                 progress: bool = True, output_key: str = "pred", dicom: bool = False) -> None:
+                 progress: bool = True, output_key: str = "pred", dicom: bool = False, overwrite: bool = False) -> None:
         self.datalist = list(datalist)
         self.preprocessing = preprocessing
         self.network = network
@@ -78,6 +83,7 @@ class SafeInferenceRunner:
         self.progress = progress
         self.output_key = output_key
         self.dicom = bool(dicom)
+        self.overwrite = bool(overwrite)
         self.successes: list[dict] = []
         self.failures: list[dict] = []
 
@@ -109,36 +115,113 @@ class SafeInferenceRunner:
                 "knee_flipped": bool(getattr(img, "meta", {}).get(FLIP_META_KEY, False)),
                 "output": str(meta.get("saved_to", ""))}
 
+    def settings(self) -> dict:
+        """What decides this run's outputs (compared between runs into one folder): the network's weights digest,
+        the preprocessing, inferer and postprocessing components, ``dicom``."""
+        return {"weights": weights_digest(self.network), "checkpoint": file_stamp(self.checkpoint) if self.checkpoint
+                else "", "preprocessing": self.preprocessing, "inferer": self.inferer,
+                "postprocessing": self.postprocessing, "output_key": self.output_key, "dicom": self.dicom}
+
+    def _expected_output(self, item: dict) -> Path | None:
+        """Where the postprocessing's ``SaveImaged`` will write the prediction of ``item`` (None: unknown)."""
+        from monai.transforms import Compose, SaveImaged
+
+        chain = self.postprocessing.transforms if isinstance(self.postprocessing, Compose) else [self.postprocessing]
+        for t in chain:
+            if isinstance(t, SaveImaged) and self.output_key in t.keys:
+                with contextlib.suppress(Exception):
+                    return Path(str(t.saver.folder_layout.filename(subject=str(item.get("image", "")), idx=None)))
+        return None
+
     def run(self) -> dict[str, list[dict]]:
-        """Process every entry; write the two CSVs; return ``{"predictions": [...], "failures": [...]}``."""
+        """Process every entry; write the two CSVs; return ``{"predictions": [...], "failures": [...]}``.
+
+        Re-runs, lock and interruption (:class:`pipeline.io.run_state.RunState`, settings: :meth:`settings`): a run
+        into a folder of a run with the same settings resumes (an item whose input is unchanged and whose files
+        are all there is kept; failed and missing items are redone); other settings are refused unless
+        ``overwrite``; Ctrl-C / SIGTERM remove the item being written, write the CSVs and the manifest of the
+        complete items, then re-raise. Two items whose predictions would be written to the same file are both
+        failed (stage ``save``), nothing written for them."""
         if self.checkpoint:
             load_weights(self.network, self.checkpoint, train=TRAIN_COMMAND)
         self.network.to(self.device).eval()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         self.successes, self.failures = [], []
-        for item in tqdm(self.datalist, desc="dess_seg inference", disable=not self.progress):
+        rows: list[dict] = []
+        expected = [self._expected_output(it) for it in self.datalist]
+        clash: dict[int, str] = {}
+        known = [i for i, e in enumerate(expected) if e is not None]
+        for path, idx in find_collisions([str(expected[i]) for i in known]).items():
+            group = [known[j] for j in idx]
+            srcs = ", ".join(str(self.datalist[j].get("image", "")) for j in group)
+            for j in group:
+                clash[j] = (f"output {path} is shared by {len(group)} inputs ({srcs}); their predictions would "
+                            "overwrite each other, so none is written: rename the inputs")
+        with RunState(self.output_dir, self.settings(), "dess_seg inference", self.overwrite) as state:
+            current = None
             try:
-                self.successes.append(self._one(item))
-            except _ItemError as e:
-                self.failures.append({"image": item.get("image", ""), "stage": e.stage, "error": e.message})
-                logger.warning("skipped %s (%s): %s", item.get("image"), e.stage, e.message)
-        manifest = []
-        for p in self.successes:
-            files, note = [p["output"]], ""
-            if self.dicom and p["output"]:
-                seg, note = self._write_seg(p)
-                files.append(seg)
-            manifest.append(manifest_row(p["image"], OK, note, files, self.output_dir,
-                                         {"side": p["side"], "knee_flipped": p["knee_flipped"]}))
-        manifest += [manifest_row(f["image"], FAILED, f"{f['stage']}: {f['error']}", (), self.output_dir,
-                                  {"stage": f["stage"]}) for f in self.failures]
-        save_csv(self.output_dir / "predictions.csv", self.successes, ["image", "side", "knee_flipped", "output"])
-        save_csv(self.output_dir / "failures.csv", self.failures, ["image", "stage", "error"])
-        write_manifest(self.output_dir / OUTPUTS_MANIFEST, manifest)
+                for i, item in enumerate(tqdm(self.datalist, desc="dess_seg inference", disable=not self.progress)):
+                    key = f"{item.get('image', '')}|{item.get('side', '')}"
+                    if i in clash:
+                        self.failures.append({"image": item.get("image", ""), "stage": "save", "error": clash[i]})
+                        rows.append(self._failed_row(self.failures[-1]))
+                        continue
+                    stamp = file_stamp(item.get("image"), item.get("side", ""))
+                    prev = state.previous(key, stamp)
+                    if prev is not None:  # resumed: the earlier run's prediction stands
+                        self.successes.append(prev["record"]["prediction"])
+                        rows.append(prev["record"]["row"])
+                        continue
+                    state.forget(key)
+                    current = expected[i]
+                    try:
+                        p = self._one(item)
+                    except _ItemError as e:
+                        if expected[i] is not None:
+                            state.remove([expected[i]])  # a save that failed half way leaves nothing
+                        current = None
+                        self.failures.append({"image": item.get("image", ""), "stage": e.stage, "error": e.message})
+                        rows.append(self._failed_row(self.failures[-1]))
+                        logger.warning("skipped %s (%s): %s", item.get("image"), e.stage, e.message)
+                        continue
+                    files, note = [p["output"]], ""
+                    if self.dicom and p["output"]:
+                        current = [p["output"], self._seg_path(p)]
+                        seg, note = self._write_seg(p)
+                        files.append(seg)
+                    row = manifest_row(p["image"], OK, note, files, self.output_dir,
+                                       {"side": p["side"], "knee_flipped": p["knee_flipped"]})
+                    state.record(key, stamp, files, {"prediction": p, "row": row})
+                    self.successes.append(p)
+                    rows.append(row)
+                    current = None
+            except KeyboardInterrupt:
+                if current is not None:
+                    state.remove(current if isinstance(current, list) else [current])
+                self._write_outputs(rows, state)
+                logger.warning("dess_seg inference interrupted: %s lists the %d complete item(s); run the same "
+                               "command again to resume", self.output_dir / OUTPUTS_MANIFEST, len(self.successes))
+                raise
+            self._write_outputs(rows, state)
         logger.info("dess_seg inference: %d written, %d failed (see %s)", len(self.successes),
                     len(self.failures), self.output_dir / "failures.csv")
         return {"predictions": self.successes, "failures": self.failures}
 
+    def _failed_row(self, f: dict) -> dict:
+        return manifest_row(f["image"], FAILED, f"{f['stage']}: {f['error']}", (), self.output_dir,
+                            {"stage": f["stage"]})
+
+    def _write_outputs(self, rows: list[dict], state: RunState) -> None:
+        """``predictions.csv``, ``failures.csv`` and ``outputs.csv`` (the manifest also lists the complete items
+        of an earlier run in the folder that this one did not reach: their files are there)."""
+        rows = rows + [e["record"]["row"] for e in state.unreached() if "row" in e.get("record", {})]
+        save_csv(self.output_dir / "predictions.csv", self.successes, ["image", "side", "knee_flipped", "output"])
+        save_csv(self.output_dir / "failures.csv", self.failures, ["image", "stage", "error"])
+        write_manifest(self.output_dir / OUTPUTS_MANIFEST, rows)
+
+    @staticmethod
+    def _seg_path(prediction: dict) -> Path:
+        out = Path(prediction["output"])
+        return out.with_name(out.name.split(".")[0] + ".dcm")
 
     def _write_seg(self, prediction: dict) -> tuple[str, str]:
         """The DICOM SEG of one saved prediction -> (its path or "", note for the manifest)."""
@@ -151,7 +234,7 @@ class SafeInferenceRunner:
         if not source:
             return "", "no DICOM SEG: the input is not a DICOM series"
         out = Path(prediction["output"])
-        target = out.with_name(out.name.split(".")[0] + ".dcm")
+        target = self._seg_path(prediction)
         try:
             img = nib.load(str(out))
             labels = np.rint(np.asarray(img.dataobj)).astype(np.uint8)
