@@ -30,11 +30,11 @@ CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "segreg" / "configs"
 
 
 def run_in_process(run_id: str, files: list[str], bundle_root: Path, manifest: Path) -> None:
-    """One stage as ``python -m monai.bundle run`` does it, in this process, merged with demo.json like the demo
+    """One stage as ``python -m monai.bundle run`` does it, in this process, merged with stages_demo.json like the demo
     (the demo itself runs the same configs in subprocesses: pipeline.registration.demo.run_stage)."""
     from monai.bundle import run
 
-    run(run_id, config_file=[str(CONFIGS / f) for f in files] + [str(CONFIGS / "demo.json")],
+    run(run_id, config_file=[str(CONFIGS / f) for f in files] + [str(CONFIGS / "stages_demo.json")],
         bundle_root=str(bundle_root), manifest=str(manifest), **TINY_STAGES)
 
 

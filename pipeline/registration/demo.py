@@ -2,7 +2,7 @@
 
 ``python -m pipeline.registration.demo --out demo_output`` generates a 60-subject cohort with DXA and
 radiograph crops (baseline visit, no MR), then runs through the bundle's configs, each merged with
-``demo.json`` (CPU settings): stage 1 (+ augmentation), the DXA segmenter, the CycleGAN radiograph segmenter,
+``stages_demo.json`` (CPU settings): stage 1 (+ augmentation), the DXA segmenter, the CycleGAN radiograph segmenter,
 stage 3, the two image-similarity GradICON baselines, and the evaluation of every method; the report is
 ``<out>/segreg/eval/report.md``. Logs of each stage: ``<out>/segreg/<stage>.log``.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 from pipeline.bundle_paths import bundle_configs
 
 CONFIGS = bundle_configs("segreg")
-#: (run id, config files) of every stage, in order; ``demo.json`` is merged last into each.
+#: (run id, config files) of every stage, in order; ``stages_demo.json`` is merged last into each.
 STAGES = (
     ("training", ["train_registration.json", "train_stage1.json"]),
     ("training", ["train_segmenter.json"]),
@@ -34,7 +34,7 @@ COHORT = {"n_subjects": 60, "visits": (0,), "xray_spacing_mm": 0.6, "write_mr": 
 def run_stage(run_id: str, files: list[str], bundle_root: Path, manifest: Path, overrides: dict | None = None,
               demo: bool = True) -> float:
     """Run one bundle stage in a subprocess (log in ``bundle_root/<last config>.log``); returns seconds."""
-    cfgs = [str(CONFIGS / f) for f in files] + ([str(CONFIGS / "demo.json")] if demo else [])
+    cfgs = [str(CONFIGS / f) for f in files] + ([str(CONFIGS / "stages_demo.json")] if demo else [])
     cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", "[" + ",".join(
         f"'{c}'" for c in cfgs) + "]", "--logging_file", str(CONFIGS / "logging.conf"), "--bundle_root",
         str(bundle_root), "--manifest", str(manifest), "--progress_bar", "False"]
