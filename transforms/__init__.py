@@ -12,6 +12,7 @@ from pipeline.io.dicom import RadiographReadError, list_radiographs, read_radiog
 
 from .augment import RandKneeAugment, RandKneeAugmentd
 from .intensity import PercentileNormalize, PercentileNormalized, nan_quantile
+from .knee_side import FlipToLeftKneed
 from .radiograph_io import LoadKneeRadiograph, LoadKneeRadiographd, radiograph_affine, radiograph_metatensor
 from .roi import (
     ROI_META_KEY,
@@ -75,4 +76,5 @@ __all__ = [
     "UnstackThicknessMapsd",
     "RandKneeAugment",
     "RandKneeAugmentd",
+    "FlipToLeftKneed",
 ]

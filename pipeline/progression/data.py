@@ -13,7 +13,7 @@ MR chain (:func:`mr_transforms`), output ``image`` float32 ``1 x S x H x W``:
    pointing to the patient's right before the flip), axis 1 = anterior -> posterior, axis 2 = superior ->
    inferior; each slice ``[s]`` is an AP x SI sagittal image (the in-plane layout of the DESS segmentation
    chain's ``PIR``, with the medial-lateral axis moved first);
-3. right knees mirrored along axis 0 (:class:`FlipRightKneed`; left-knee convention, DESIGN.md "Sides");
+3. right knees mirrored along axis 0 (:class:`transforms.knee_side.FlipToLeftKneed`; left-knee convention, DESIGN.md "Sides");
 4. resampled to ``num_slices x size x size`` voxels (trilinear with anti-aliasing; the paper: 64 x 160 x 160);
 5. per-volume min-max to [0, 1] (``ScaleIntensityd``).
 
@@ -39,13 +39,10 @@ from typing import Any, Union
 import numpy as np
 import pandas as pd
 import torch
-from monai.config import KeysCollection
-from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
-    Flip,
     LoadImaged,
     MapTransform,
     Orientationd,
@@ -59,8 +56,9 @@ from monai.transforms import (
 from pipeline.conventions import JOINT_CENTRE_IDX, N_LANDMARKS, ROI_MM
 from pipeline.io.manifest import ManifestError, load_manifest, resolve
 from transforms import KneeROICropd, LoadKneeRadiographd, PercentileNormalized
+from transforms.knee_side import FLIP_META_KEY, FlipToLeftKneed
 
-__all__ = ["AXCODES", "EXCLUDED_LABEL", "FLIP_META_KEY", "FlipRightKneed", "ML_AXIS", "REQUIRED_COLUMNS",
+__all__ = ["AXCODES", "EXCLUDED_LABEL", "FLIP_META_KEY", "ML_AXIS", "REQUIRED_COLUMNS",
            "DESS_COLUMNS", "RadiographInputd", "folds_by_subject", "mr_transforms", "progression_items", "xray_transforms"]
 
 logger = logging.getLogger(__name__)
@@ -74,7 +72,6 @@ RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 #: Spatial axis (channel excluded) of the medial-lateral direction after :data:`AXCODES`.
 ML_AXIS = 0
 #: Meta-data key recording whether a volume was mirrored to the left-knee convention.
-FLIP_META_KEY = "knee_flipped"
 #: ``progression_3class`` of knees left out (KLG 4 at baseline).
 EXCLUDED_LABEL = -1
 #: Manifest columns an item needs (and at least one of :data:`DESS_COLUMNS`).
@@ -180,36 +177,6 @@ def folds_by_subject(items: Sequence[Mapping[str, Any]], n_folds: int = 5, seed:
 
 
 # ------------------------------------------------------------------------------------------- transforms
-def _is_right(side: Any) -> bool:
-    s = str(side or "").strip().upper()
-    return s in ("R", "RIGHT")
-
-
-class FlipRightKneed(MapTransform):
-    """Mirror RIGHT knees along ``spatial_axis`` (the medial-lateral axis, :data:`ML_AXIS` after
-    ``Orientationd(AXCODES)``) so that every knee is in left-knee convention; other sides (``"L"``, unknown
-    ``""`` / ``None``) pass unchanged. MONAI's ``Flip`` keeps the MetaTensor affine truthful;
-    ``meta["knee_flipped"]`` records the decision."""
-
-    backend = Flip.backend
-
-    def __init__(self, keys: KeysCollection, side_key: str = "side", spatial_axis: int = ML_AXIS,
-                 allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.side_key = side_key
-        self.flipper = Flip(spatial_axis=int(spatial_axis))
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        flip = _is_right(d.get(self.side_key))
-        for key in self.key_iterator(d):
-            img = self.flipper(d[key]) if flip else d[key]
-            if isinstance(img, MetaTensor):
-                img.meta[FLIP_META_KEY] = flip
-            d[key] = img
-        return d
-
-
 def mr_transforms(num_slices: int = 64, size: int = 160, train: bool = False, reader: str = "ITKReader",
                   crop_fraction: float = 0.875, rotate_deg: float = 15.0, gamma: tuple[float, float] = (0.5, 2.0),
                   prob: float = 0.5, keep_meta: bool = True) -> Compose:
@@ -229,7 +196,7 @@ def mr_transforms(num_slices: int = 64, size: int = 160, train: bool = False, re
         LoadImaged("image", reader=reader, image_only=True),
         EnsureChannelFirstd("image"),
         Orientationd("image", axcodes=AXCODES, labels=RAS_LABELS),
-        FlipRightKneed("image"),
+        FlipToLeftKneed("image", spatial_axis=ML_AXIS, default_side="L"),
         EnsureTyped("image", dtype=torch.float32),
         Resized("image", spatial_size=spatial, mode="trilinear", anti_aliasing=True),
         ScaleIntensityd("image", minv=0.0, maxv=1.0),
