@@ -181,6 +181,29 @@ def _volume(path: Path, data: np.ndarray, spacing: float = 1.0) -> Path:
     return path
 
 
+def _mr_series(folder: Path, shape=(16, 16, 12)) -> Path:
+    """A small sagittal MR series (one DICOM file per slice, 0.8 x 0.8 x 1.2 mm) with its orientation."""
+    from pipeline.cohort.writers import uid, write_mr_series
+
+    affine = np.array([[0.0, 0.0, 1.2, 10.0], [0.8, 0.0, 0.0, -5.0], [0.0, -0.8, 0.0, 20.0], [0, 0, 0, 1]])
+    patient = {"PatientID": "P1", "PatientSex": "F", "PatientAge": 60, "StudyDate": "20230405",
+               "StudyInstanceUID": uid("study", folder.name)}
+    rng = np.random.default_rng(1)
+    write_mr_series(folder, rng.uniform(0, 900, shape), affine, patient, series_uid=uid("series", folder.name),
+                    laterality="L")
+    return folder
+
+
+def _drop_orientation(series: Path) -> None:
+    """Remove ImageOrientationPatient from every slice of a series (a series that says nothing of its axes)."""
+    import pydicom
+
+    for f in sorted(series.iterdir()):
+        ds = pydicom.dcmread(f)
+        del ds.ImageOrientationPatient
+        ds.save_as(f)
+
+
 @pytest.fixture(scope="module")
 def dess_run(tmp_path_factory):
     from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
@@ -199,7 +222,17 @@ def dess_run(tmp_path_factory):
     flat = tmp / "flat.nii.gz"
     nib.save(nib.Nifti1Image(rng.random((24, 24)).astype(np.float32), np.eye(4)), str(flat))
     huge = _volume(tmp / "huge_voxels.nii.gz", rng.random((24, 24, 24)), spacing=100.0)
-    items = [{"image": str(p), "side": "L"} for p in (good, cut, nan, inf, flat, huge)]
+    no_orient = nib.Nifti1Image(rng.random((24, 24, 24)).astype(np.float32), np.eye(4))
+    no_orient.set_qform(None, code=0)
+    no_orient.set_sform(None, code=0)  # nibabel would make up an affine from the voxel sizes alone
+    nib.save(no_orient, str(tmp / "no_orientation.nii.gz"))
+    degenerate = np.eye(4)
+    degenerate[:3, 1] = degenerate[:3, 0]  # two voxel axes along one direction: 1 mm "voxels", no orientation
+    nib.save(nib.Nifti1Image(rng.random((24, 24, 24)).astype(np.float32), degenerate), str(tmp / "degenerate.nii.gz"))
+    series_ok, series_no_iop = _mr_series(tmp / "series_ok"), _mr_series(tmp / "series_no_iop")
+    _drop_orientation(series_no_iop)
+    items = [{"image": str(p), "side": "L"} for p in (good, cut, nan, inf, flat, huge, tmp / "no_orientation.nii.gz",
+                                                        tmp / "degenerate.nii.gz", series_ok, series_no_iop)]
     runner = SafeInferenceRunner(items, Compose([LoadImaged("image", image_only=True), EnsureChannelFirstd("image")]),
                                  torch.nn.Conv3d(1, 5, 1), lambda x, net: net(x), lambda d: d, str(tmp / "out"),
                                  progress=False)
@@ -222,6 +255,22 @@ def test_dess_seg_garbage_is_failed(dess_run, name, reason):
 
 def test_dess_seg_good_volume_is_ok(dess_run):
     assert dess_run["good.nii.gz"]["status"] == "ok"
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("no_orientation.nii.gz", "header has no qform/sform"),
+    ("degenerate.nii.gz", "a degenerate affine"),
+    ("series_no_iop", "has no ImageOrientationPatient"),
+])
+def test_dess_seg_unknown_orientation_is_failed(dess_run, name, reason):
+    """A volume whose orientation is unknown is a failed row naming the file (the item), with what to do; the
+    other inputs of the run are still processed (a good NIfTI and a good DICOM series are ok)."""
+    row = dess_run[name]
+    assert row["status"] == "failed" and Path(row["item"]).name == name, row
+    assert "orientation unknown" in row["reason"] and reason in row["reason"], row
+    assert "dcm2niix" in row["reason"] or "ImageOrientationPatient" in row["reason"]
+    assert not row["outputs"]
+    assert dess_run["good.nii.gz"]["status"] == "ok" and dess_run["series_ok"]["status"] == "ok"
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------
@@ -272,4 +321,15 @@ def test_validators_directly():
     assert radiograph_problems(img, {"spacing_mm": [0.3, 0.3], "Modality": "DX"}, (5, 5)) == ([], [])
     errors, flags = radiograph_problems(img, {"spacing_mm": [math.nan, 0.3], "Modality": "MR"}, (50, 5))
     assert len(errors) == 2 and flags and "Modality 'MR'" in flags[0]
-    assert dess_volume_problems(np.random.default_rng(0).random((4, 4, 4)), np.eye(4)) == []
+    vol = np.random.default_rng(0).random((4, 4, 4))
+    assert dess_volume_problems(vol, np.eye(4)) == []
+    rotated = np.eye(4)
+    rotated[:3, :3] = [[0.0, 0.0, 0.7], [0.7, 0.0, 0.0], [0.0, -0.7, 0.0]]  # a sagittal 0.7 mm affine: known
+    assert dess_volume_problems(vol, rotated) == []
+    for bad in (np.diag([1.0, 1.0, 0.0, 1.0]), np.diag([np.nan, 1.0, 1.0, 1.0])):
+        assert any(e.startswith("orientation unknown") for e in dess_volume_problems(vol, bad)), bad
+    from pipeline.io.validate import orientation_problem
+
+    tiny = np.diag([0.01, 0.01, 0.01, 1.0])  # tiny voxels are a voxel-size problem, not a singular affine
+    assert orientation_problem(tiny) == ""
+    assert "singular" in orientation_problem([[1, 0, 0, 0], [0, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 1]])

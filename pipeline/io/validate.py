@@ -11,7 +11,9 @@ flagged (``low_confidence``) row with a reason, never an ``ok`` row (issue 12, i
   (blank: nothing to see), a joint centre outside the image. Flags (``low_confidence``): a modality that is not
   a projection radiograph (:data:`RADIOGRAPH_MODALITIES`).
 * :func:`dess_volume_problems`: a DESS volume file (NIfTI) or array -> errors: unreadable to the end (truncated),
-  not 3D, non-finite values, a constant volume, voxel size outside :data:`DESS_SPACING_MM` (0.1-5 mm).
+  not 3D, non-finite values, a constant volume, voxel size outside :data:`DESS_SPACING_MM` (0.1-5 mm), orientation
+  unknown (a NIfTI header with qform_code = sform_code = 0, an affine whose 3 x 3 part is singular or not finite;
+  for a DICOM series folder: a slice without a usable ImageOrientationPatient, :func:`series_orientation_problems`).
 * :func:`dess_series_problems`: a DICOM series folder (headers only) -> errors: a file that is not readable
   DICOM, several series in one folder, a single slice (a 2D image), slices of differing orientation or size,
   a slice normal that is not along the patient's left-right axis (not sagittal, :data:`SAGITTAL_MAX_TILT_DEG`),
@@ -32,7 +34,8 @@ import numpy as np
 
 __all__ = ["DESS_SPACING_MM", "RADIOGRAPH_MODALITIES", "RADIOGRAPH_SPACING_MM", "SAGITTAL_MAX_TILT_DEG",
            "SLICE_SPACING_TOLERANCE", "describe_exception", "dess_problems", "dess_series_problems",
-           "dess_volume_problems", "nifti_slice_axis", "radiograph_problems", "root_cause", "sagittal_problem"]
+           "dess_volume_problems", "nifti_slice_axis", "orientation_problem", "radiograph_problems", "root_cause",
+           "sagittal_problem", "series_orientation_problems"]
 
 #: Plausible pixel spacing (mm) of a knee radiograph: detector pixels are 0.1-0.2 mm; up to 2 mm as the cohort
 #: generator allows (`python -m pipeline cohort --xray-spacing`, its tiny cohorts use 1 mm).
@@ -48,6 +51,10 @@ SAGITTAL_MAX_TILT_DEG = 30.0
 #: Largest relative deviation of one slice step from the series' median step (ImagePositionPatient along the
 #: slice normal); a larger step is a gap (missing slices), a smaller one a duplicate or an irregular series.
 SLICE_SPACING_TOLERANCE = 0.1
+#: An affine's 3 x 3 part counts as singular when ``|det| <= SINGULAR_RTOL * product of its column norms`` (the
+#: voxel axes are (nearly) coplanar: sin of the smallest angle ~ 1e-6), whatever the voxel size.
+SINGULAR_RTOL = 1e-6
+_REEXPORT_HINT = "re-export it with its orientation, e.g. from the DICOM series with dcm2niix"
 
 _MONAI_WRAPPER = "applying transform"
 
@@ -109,15 +116,81 @@ def radiograph_problems(image: Any, meta: Mapping[str, Any], centre_xy: Sequence
     return errors, flags
 
 
+def orientation_problem(affine: Any, header: Any = None) -> str:
+    """``""`` when the orientation of a volume is known, else why not (with what to do). Unknown: a NIfTI
+    ``header`` whose ``qform_code`` and ``sform_code`` are both 0 (nibabel then makes up an affine from the
+    voxel sizes alone), or an ``affine`` (4 x 4 or 3 x 3, voxel -> world mm) whose 3 x 3 part is not finite or
+    singular (:data:`SINGULAR_RTOL`)."""
+    if header is not None:
+        try:
+            codes = int(header["qform_code"]), int(header["sform_code"])
+        except (KeyError, TypeError, ValueError):  # not a NIfTI header: nothing to say here
+            codes = None
+        if codes == (0, 0):
+            return ("orientation unknown: the file's header has no qform/sform (qform_code and sform_code are 0); "
+                    + _REEXPORT_HINT)
+    if affine is None:
+        return ""
+    a = np.asarray(affine.detach().cpu().numpy() if hasattr(affine, "detach") else affine, dtype=float)
+    m = a[:3, :3] if a.ndim == 2 and a.shape[0] >= 3 and a.shape[1] >= 3 else None
+    if m is None:
+        return f"orientation unknown: the affine has shape {a.shape} (expected 4 x 4); {_REEXPORT_HINT}"
+    if not np.isfinite(m).all():
+        return f"orientation unknown: the affine holds NaN or infinite values (a degenerate affine); {_REEXPORT_HINT}"
+    if abs(float(np.linalg.det(m))) <= SINGULAR_RTOL * float(np.prod(np.linalg.norm(m, axis=0))):
+        return ("orientation unknown: the affine's 3 x 3 part is singular (a degenerate affine: its voxel axes are "
+                f"coplanar or zero); {_REEXPORT_HINT}")
+    return ""
+
+
+def series_orientation_problems(folder: str | os.PathLike) -> list[str]:
+    """Errors of a DICOM series folder's orientation (headers only): an image file (one with Rows) without
+    ImageOrientationPatient, or whose 6 values are not finite / give zero or parallel row and column
+    directions. Files pydicom cannot read and non-image files are left to the loader; [] = known."""
+    import pydicom
+
+    from pipeline.io.dicom import quiet_pydicom
+
+    root = Path(folder)
+    hint = "export the series again with its orientation (ImageOrientationPatient) from the scanner or PACS"
+    with quiet_pydicom():
+        for f in _dicom_files(root):
+            try:
+                ds = pydicom.dcmread(f, stop_before_pixels=True)
+            except Exception:  # noqa: BLE001 - not DICOM / unreadable: the loader reports it
+                continue
+            if "Rows" not in ds:
+                continue
+            if "ImageOrientationPatient" not in ds:
+                return [f"orientation unknown: {f} has no ImageOrientationPatient; {hint}"]
+            try:
+                iop = np.array([float(v) for v in ds.ImageOrientationPatient], dtype=float)
+            except (TypeError, ValueError):
+                iop = np.full(1, np.nan)
+            ok = iop.shape == (6,) and np.isfinite(iop).all()
+            if ok:
+                r, c = iop[:3], iop[3:]
+                nr, nc = float(np.linalg.norm(r)), float(np.linalg.norm(c))
+                ok = nr > 0 and nc > 0 and float(np.linalg.norm(np.cross(r, c))) > 1e-3 * nr * nc
+            if not ok:
+                return [f"orientation unknown: {f} has an unusable ImageOrientationPatient "
+                        f"({list(ds.ImageOrientationPatient)}: zero, parallel or not 6 finite numbers); {hint}"]
+    return []
+
+
 def dess_volume_problems(source: Any, affine: Any = None, spacing_mm: Sequence[float] = DESS_SPACING_MM,
                          needed_for: str = "DESS segmentation") -> list[str]:
-    """Errors of a DESS volume: ``source`` a NIfTI path (read to the end here; a DICOM series folder is not
-    checked: []) or an array (with ``affine`` for the voxel size). Empty list = plausible. ``needed_for`` names
-    the use in the "not a 3D volume" message."""
+    """Errors of a DESS volume: ``source`` a NIfTI path (read to the end here), a DICOM series folder (only its
+    orientation is checked here, headers only: :func:`series_orientation_problems`) or an array (with ``affine``
+    for the voxel size and orientation). Other files: []. Empty list = plausible. ``needed_for`` names the use in
+    the "not a 3D volume" message."""
     data = source
+    header = None
     if isinstance(source, (str, os.PathLike)):
         p = Path(source)
-        if p.is_dir() or not p.name.lower().endswith((".nii", ".nii.gz")):
+        if p.is_dir():
+            return series_orientation_problems(p)
+        if not p.name.lower().endswith((".nii", ".nii.gz")):
             return []
         import nibabel as nib
 
@@ -132,7 +205,7 @@ def dess_volume_problems(source: Any, affine: Any = None, spacing_mm: Sequence[f
             data = np.asarray(img.dataobj)
         except Exception as e:  # noqa: BLE001 - truncated / corrupt data
             return [f"cannot read the volume to the end (truncated or corrupt file: {describe_exception(e)})"]
-        affine = img.affine
+        affine, header = img.affine, img.header
     arr = np.asarray(data.detach().cpu().numpy() if hasattr(data, "detach") else data)
     shape = arr.shape
     spatial = [s for s in shape if s > 1]
@@ -153,6 +226,9 @@ def dess_volume_problems(source: Any, affine: Any = None, spacing_mm: Sequence[f
         if not np.isfinite(vox).all() or (vox < lo).any() or (vox > hi).any():
             errors.append(f"voxel size {np.round(vox, 3).tolist()} mm is outside the plausible range {lo}-{hi} mm "
                           "of a knee DESS volume; check the file's header")
+    orientation = orientation_problem(affine, header)
+    if orientation:
+        errors.append(orientation)
     return errors
 
 

@@ -27,8 +27,11 @@ Safety of a batch (:func:`batch_maps`, issue 12):
   item are removed.
 * **Concurrency**: ``maps_run.lock`` (:func:`pipeline.io.paths.output_lock`) stops a second run into the same
   folder; a lock of a process that no longer runs is taken over.
-* **Interruption**: Ctrl-C (``KeyboardInterrupt``) writes the manifest of the complete items (the manifest is
-  also rewritten every :data:`CHECKPOINT_S` seconds) before it propagates; the re-run resumes.
+* **Interruption**: Ctrl-C (``KeyboardInterrupt``) and SIGTERM (turned into ``KeyboardInterrupt`` while the
+  batch holds the folder: :func:`pipeline.io.run_state.sigterm_as_interrupt`; the previous handler is restored
+  afterwards) remove the knee being written and write the manifest of the complete items (the manifest is also
+  rewritten every :data:`CHECKPOINT_S` seconds, so even SIGKILL leaves one) before the interrupt propagates; the
+  re-run resumes.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from pipeline.io.paths import (
     safe_name,
 )
 from pipeline.io.results import FAILED, LOW_CONFIDENCE, OK, MapResultWriter, manifest_row, write_manifest
+from pipeline.io.run_state import sigterm_as_interrupt
 from pipeline.user_errors import UserInputError
 
 from .atlas import labels_to_maps
@@ -235,7 +239,7 @@ def batch_maps(items: Iterable[dict], out_dir: str | Path, size=(310, 310), meth
     out_dir.mkdir(parents=True, exist_ok=True)
     items = list(items)
     settings = {"size": [int(x) for x in size], "method": str(method), "png": bool(png), "dicom": bool(dicom)}
-    with output_lock(out_dir, LOCK_FILE, what="thickness run"):
+    with output_lock(out_dir, LOCK_FILE, what="thickness run"), sigterm_as_interrupt():  # SIGTERM = Ctrl-C
         remove_partials(out_dir)
         keep = _previous_run(out_dir, settings, bool(overwrite))
         write_text_atomic(out_dir / SETTINGS_FILE, json.dumps(settings, indent=1))
