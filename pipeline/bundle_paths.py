@@ -18,7 +18,9 @@ Two questions, two helpers:
 * Data files (``data_manifests/``: the manifest schema, an example manifest): :func:`data_manifests_dir`,
   the repository's folder or the installed copy; :func:`manifest_schema_path` for the schema.
 * Data defaults: :data:`DEFAULT_MANIFESTS` (the cohorts ``make demo`` writes: the MR cohort for kneel and
-  dess_seg, the 160-subject radiograph + map cohort for MRIS and direct synthesis), relative to the current
+  dess_seg, the 160-subject radiograph + map cohort for MRIS and direct synthesis; the cohorts of
+  ``python -m pipeline.registration.demo`` and ``python -m pipeline.progression.demo --out demo_output`` for
+  segreg and progression_mr), relative to the current
   directory like any path a user types; ``--manifest`` (or ``--dataset_dir`` for inference) overrides them.
 """
 
@@ -40,6 +42,8 @@ DEFAULT_MANIFESTS = {
     "kneel": "demo_output/cohort/manifest.csv",
     "mris": "demo_output/mris_cohort/manifest.csv",
     "direct_synthesis": "demo_output/mris_cohort/manifest.csv",
+    "segreg": "demo_output/segreg_cohort/manifest.csv",
+    "progression_mr": "demo_output/progression_cohort/manifest.csv",
 }
 #: The distribution name; an installed wheel puts ``bundles/`` and ``data_manifests/`` under
 #: ``<prefix>/share/<DIST_NAME>/`` (setup.cfg ``[options.data_files]``).

@@ -21,6 +21,7 @@ MODEL_FILES = {
     "kneel": ["models/global/model.pt", "models/local/model.pt"],
     "mris": ["models/model.pt"],
     "segreg": ["models/segmenter_dxa.pt", "models/segmenter_xray.pt", "models/stage3.pt"],
+    "progression_mr": [f"models/fold{k}/model.pt" for k in range(5)],
 }
 
 
@@ -35,13 +36,13 @@ def test_committed_large_files_parse_and_list_the_config_weights(name):
         assert e["url"] == "" and e["hash_type"] == "sha256"
         assert e["hash_val"] == "" or re.fullmatch(r"[0-9a-f]{64}", e["hash_val"])
     configs = " ".join(p.read_text() for p in (bundle / "configs").glob("*.json"))
-    for p in MODEL_FILES[name]:  # every component of the path is named by the configs
-        assert all(part in configs for part in Path(p).parts), (name, p)
+    for p in MODEL_FILES[name]:  # every component of the path is named by the configs (fold<k>: "'/models/fold' + str(@fold)")
+        assert all(part in configs or part.rstrip("0123456789") in configs for part in Path(p).parts), (name, p)
     if not (bundle / "models").exists():  # the committed text is what write_large_files writes
         assert (bundle / LARGE_FILES_NAME).read_text() == large_files_manifest(bundle)
 
 
-@pytest.mark.parametrize("name", ["dess_seg", "direct_synthesis", "kneel", "mris", "segreg", "thickness"])
+@pytest.mark.parametrize("name", ["dess_seg", "direct_synthesis", "kneel", "mris", "progression_mr", "segreg", "thickness"])
 def test_bundle_license(name):
     text = (BUNDLES / name / "LICENSE").read_text()
     assert "Apache License, Version 2.0" in text and "kneeoa-pipeline" in text

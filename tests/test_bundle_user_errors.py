@@ -121,11 +121,14 @@ def test_every_runnable_config_has_the_default_run_id(path):
     assert cfg["run"] == cfg[named[0]]
 
 
-@pytest.mark.parametrize("bundle", ["dess_seg", "kneel", "mris", "direct_synthesis"])
+@pytest.mark.parametrize("bundle", ["dess_seg", "kneel", "mris", "direct_synthesis", "segreg", "progression_mr"])
 def test_default_manifests_are_the_documented_ones(bundle):
     from pipeline.bundle_paths import DEFAULT_MANIFESTS
 
-    for name in ("train.json", "evaluate.json"):
+    for name in ("train.json", "train_registration.json", "train_segmenter.json", "train_cyclegan.json",
+                 "evaluate.json"):
+        if not (BUNDLES / bundle / "configs" / name).is_file():
+            continue
         cfg = json.loads((BUNDLES / bundle / "configs" / name).read_text())
         if "manifest" in cfg:
             assert cfg["manifest"] == DEFAULT_MANIFESTS[bundle], (bundle, name)

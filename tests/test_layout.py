@@ -30,6 +30,7 @@ ALLOWED_CROSS_METHOD = {
     ("mris", "pipeline.cohort.generate"),  # MRIS demo builds its cohort
     ("progression", "pipeline.cohort.disease"),  # the 3-class label rule's one home
     ("registration", "pipeline.cohort.generate"),  # segreg demo builds its cohort
+    ("progression", "pipeline.cohort.generate"),  # progression demo builds its cohort
 }
 #: Shared-layer modules that run a method for the user (inference front ends); everything else in the
 #: shared layer must import no method.

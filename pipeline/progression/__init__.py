@@ -8,7 +8,13 @@ increases fast (by 36 months), slowly (48-96 months) or not at all.
   accuracy and a subject-level (group) bootstrap interval;
 * :mod:`~pipeline.progression.ensemble`: fold ensembles that average probabilities once;
 * :mod:`~pipeline.progression.network`: "2D + TRF" and the baselines (2D + FC, 2D + BiLSTM, 3D CNN,
-  radiograph CNN) behind one self-describing factory :func:`~pipeline.progression.network.make_progression_network`.
+  radiograph CNN) behind one self-describing factory :func:`~pipeline.progression.network.make_progression_network`;
+* :mod:`~pipeline.progression.data`: baseline items, subject-grouped folds, the MR and radiograph input chains;
+* :mod:`~pipeline.progression.engine`: MONAI engines (focal loss, class-balanced sampler, warm-up, validation AP
+  over every sample, best snapshot);
+* :mod:`~pipeline.progression.train`: one fold, cross-validation, out-of-fold metrics with intervals, reports;
+* :mod:`~pipeline.progression.infer`: DESS folders / manifests -> per-knee probabilities (fold ensembles);
+* :mod:`~pipeline.progression.demo`: the synthetic-cohort demo of every model on the same folds.
 
 Volumes enter the MR networks as ``B x 1 x S x H x W``: S sagittal slices (the first spatial axis after the
 channel, medial <-> lateral), each slice an H x W sagittal image in pixels; right knees are flipped to the
