@@ -103,13 +103,31 @@ def _config(a: argparse.Namespace):
     return CohortConfig(**kw)
 
 
+def _shard(text: str) -> tuple[int, int]:
+    from pipeline.cohort.generate import parse_shard
+
+    try:
+        return parse_shard(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def cmd_cohort(a: argparse.Namespace) -> int:
-    from pipeline.cohort.generate import generate_cohort
+    from pipeline.cohort.generate import generate_cohort, merge_cohort, shard_from_env
 
     cfg = _config(a)
+    if a.merge:
+        m = merge_cohort(a.out, cfg)
+        print(f"merged {len(m)} knee-visits of {cfg.n_subjects} subjects; manifest: {Path(a.out) / 'manifest.csv'}")
+        return 0
+    shard = a.shard if a.shard is not None else shard_from_env()  # torchrun sets RANK / WORLD_SIZE
     t0 = time.time()
-    m = generate_cohort(a.out, cfg)
+    m = generate_cohort(a.out, cfg, shard=shard)
     dt = time.time() - t0
+    if shard is not None and not (Path(a.out) / "manifest.csv").exists():
+        print(f"shard {shard[0]}/{shard[1]}: wrote {len(m)} knee-visits to {a.out} in {dt:.1f} s; the manifest is "
+              "written when every shard is complete (or by the same command with --merge)")
+        return 0
     print(f"wrote {len(m)} knee-visits of {cfg.n_subjects} subjects to {a.out} in {dt:.1f} s "
           f"({len(m) / max(dt, 1e-9):.2f} knee-visits/s); manifest: {Path(a.out) / 'manifest.csv'}")
     return 0
@@ -273,6 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cohort", help="generate a synthetic knee cohort")
     c.add_argument("--out", "-o", required=True, help="output folder")
     _cohort_args(c, 40)
+    c.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                   help="generate only the subjects with index %% N == I (many processes / machines writing one "
+                        "cohort); default: RANK/WORLD_SIZE under torchrun, else all subjects")
+    c.add_argument("--merge", action="store_true",
+                   help="generate nothing: write manifest.csv / subjects.csv / cohort.json from complete shards")
     c.set_defaults(func=cmd_cohort)
     r = sub.add_parser("report", help="cohort report: counts per KLG and visit, contact sheet")
     r.add_argument("cohort", help="cohort folder (with manifest.csv)")

@@ -21,7 +21,9 @@ the per-knee 256 x 256 crops pre-aligned on the tibial landmarks -- are describe
 They draw from their own random streams, so the radiographs and MR volumes do not depend on ``write_dxa``.
 Each subject folder is written under a temporary name and renamed when complete; manifests are written
 last. An interrupted run leaves only ``*.partial`` temporaries, which the next run removes; complete
-subjects with the same configuration are reused.
+subjects with the same configuration are reused. ``shard=(i, n)`` (CLI ``--shard i/n``, or RANK / WORLD_SIZE
+under torchrun) generates only the subjects with ``index % n == i``; the manifests are written from the subjects'
+``rows.json`` once every subject is complete (:func:`merge_cohort`, CLI ``--merge``), byte-identical to one run.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +44,7 @@ from tqdm.auto import tqdm
 
 from pipeline import __version__
 from pipeline.conventions import SIDE_NAMES, SIDES, VISITS, visit_folder
-from pipeline.io.atomic import atomic_dir, remove_partials, write_text_atomic
+from pipeline.io.atomic import PARTIAL, atomic_dir, remove_partials, write_text_atomic
 
 from .anatomy import knee_at_visit
 from .disease import progression_labels
@@ -279,32 +282,44 @@ def _work(args):
     return generate_subject(cfg, index, Path(root))
 
 
-def generate_cohort(out: str | os.PathLike, cfg: CohortConfig, progress: bool = True) -> pd.DataFrame:
-    """Generate (or complete) the cohort under ``out``; returns the manifest as a DataFrame."""
-    root = Path(out)
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` -> ``(i, n)`` with ``0 <= i < n``; raises ``ValueError`` with a clear message otherwise."""
+    parts = str(text).strip().split("/")
     try:
-        (root / "subjects").mkdir(parents=True, exist_ok=True)
-        probe = root / f".write-test{os.getpid()}.partial"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise PermissionError(f"cannot write the cohort to '{root}': {e.strerror or e}. "
-                              "Choose a writable folder with --out.") from None
-    remove_partials(root)
-    remove_partials(root / "subjects")
-    jobs = [(cfg, i, str(root)) for i in range(cfg.n_subjects)]
-    rows: list[dict] = []
-    bar = tqdm(total=len(jobs), desc="cohort subjects", unit="subj", disable=not progress)
-    if cfg.workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=cfg.workers) as ex:
-            for r in ex.map(_work, jobs):
-                rows += r
-                bar.update(1)
-    else:
-        for j in jobs:
-            rows += _work(j)
-            bar.update(1)
-    bar.close()
+        if len(parts) != 2:
+            raise ValueError
+        i, n = int(parts[0]), int(parts[1])
+    except ValueError:
+        raise ValueError(f"--shard must be i/n with whole numbers, e.g. 0/4 (got {text!r})") from None
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"--shard i/n needs n >= 1 and 0 <= i < n (got {text!r}; shards of 4 are 0/4 .. 3/4)")
+    return i, n
+
+
+def shard_from_env(env: Optional[dict] = None) -> Optional[tuple[int, int]]:
+    """The shard of a ``torchrun`` process: ``(RANK, WORLD_SIZE)`` when both are set, else ``None``."""
+    env = os.environ if env is None else env
+    if env.get("RANK") is None or env.get("WORLD_SIZE") is None:
+        return None
+    return parse_shard(f"{env['RANK']}/{env['WORLD_SIZE']}")
+
+
+def _subject_id(cfg: CohortConfig, index: int) -> str:
+    return sample_subject(cfg.seed, index, cfg.visits, cfg.missing_rate).subject_id
+
+
+def _complete_rows(cfg: CohortConfig, index: int, root: Path, digest: str) -> Optional[list[dict]]:
+    """The manifest rows of subject ``index`` when it is complete with this configuration, else ``None``."""
+    done = root / "subjects" / _subject_id(cfg, index) / "rows.json"
+    try:
+        cached = json.loads(done.read_text())
+    except (OSError, ValueError):
+        return None
+    return cached["rows"] if cached.get("config_digest") == digest else None
+
+
+def _write_cohort_files(root: Path, cfg: CohortConfig, rows: list[dict]) -> pd.DataFrame:
+    """manifest.csv, subjects.csv and cohort.json from every subject's rows (in subject order)."""
     manifest = pd.DataFrame(rows)
     subjects = (manifest.groupby("subject_id", sort=True)
                 .agg(sex=("sex", "first"), bmi=("bmi", "first"), site=("site", "first"),
@@ -315,3 +330,80 @@ def generate_cohort(out: str | os.PathLike, cfg: CohortConfig, progress: bool = 
             "config": cfg.to_dict(), "config_digest": cfg.digest(), "n_rows": len(manifest)}
     write_text_atomic(root / "cohort.json", json.dumps(meta, indent=1, sort_keys=True))
     return manifest
+
+
+def merge_cohort(out: str | os.PathLike, cfg: CohortConfig, require_complete: bool = True) -> Optional[pd.DataFrame]:
+    """Write the cohort's manifest.csv / subjects.csv / cohort.json from the subjects' ``rows.json`` (subject
+    order; byte-identical to an unsharded run) once every subject of ``cfg`` is complete with this
+    configuration. Incomplete subjects: ``ValueError`` naming how many and which shard command completes them
+    (``require_complete=False``: return ``None`` and write nothing)."""
+    root = Path(out)
+    digest = cfg.digest()
+    rows: list[dict] = []
+    missing: list[int] = []
+    for i in range(cfg.n_subjects):
+        r = _complete_rows(cfg, i, root, digest)
+        if r is None:
+            missing.append(i)
+        else:
+            rows += r
+    if missing:
+        if not require_complete:
+            return None
+        shown = ", ".join(str(i) for i in missing[:10]) + (" ..." if len(missing) > 10 else "")
+        raise ValueError(f"cannot merge the cohort in '{root}': {len(missing)} of {cfg.n_subjects} subjects are "
+                         f"missing or were written with other settings (indices {shown}); run the missing shards "
+                         "(--shard i/n with the same options) first")
+    return _write_cohort_files(root, cfg, rows)
+
+
+def generate_cohort(out: str | os.PathLike, cfg: CohortConfig, progress: bool = True,
+                    shard: Optional[tuple[int, int]] = None) -> pd.DataFrame:
+    """Generate (or complete) the cohort under ``out``; returns the manifest as a DataFrame.
+
+    ``shard=(i, n)``: generate only the subjects with ``index % n == i`` (so that ``n`` processes or machines
+    write one cohort into a shared folder). Such a run removes only its own subjects' temporaries and writes
+    manifest.csv / subjects.csv / cohort.json only when every subject of the cohort is complete (the last shard
+    to finish writes them; :func:`merge_cohort` does it later); it returns the rows of its own subjects then
+    too, or the whole manifest when it wrote it. The files are the same bytes as those of an unsharded run.
+    """
+    root = Path(out)
+    if shard is not None:
+        k, n = shard
+        if not (isinstance(k, int) and isinstance(n, int) and n >= 1 and 0 <= k < n):
+            raise ValueError(f"shard must be (i, n) with 0 <= i < n (got {shard!r})")
+    try:
+        (root / "subjects").mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test{os.getpid()}.partial"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"cannot write the cohort to '{root}': {e.strerror or e}. "
+                              "Choose a writable folder with --out.") from None
+    indices = list(range(cfg.n_subjects)) if shard is None else list(range(shard[0], cfg.n_subjects, shard[1]))
+    if shard is None:
+        remove_partials(root)
+        remove_partials(root / "subjects")
+    else:  # other shards may be writing into the same folder: only this shard's own leftovers go
+        for i in indices:
+            sid = _subject_id(cfg, i)
+            for p in (root / "subjects").glob(f".{sid}.*{PARTIAL}"):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    jobs = [(cfg, i, str(root)) for i in indices]
+    rows: list[dict] = []
+    desc = "cohort subjects" if shard is None else f"cohort subjects (shard {shard[0]}/{shard[1]})"
+    bar = tqdm(total=len(jobs), desc=desc, unit="subj", disable=not progress)
+    if cfg.workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=cfg.workers) as ex:
+            for r in ex.map(_work, jobs):
+                rows += r
+                bar.update(1)
+    else:
+        for j in jobs:
+            rows += _work(j)
+            bar.update(1)
+    bar.close()
+    if shard is None:
+        return _write_cohort_files(root, cfg, rows)
+    merged = merge_cohort(root, cfg, require_complete=False)
+    return merged if merged is not None else pd.DataFrame(rows)

@@ -32,6 +32,12 @@ Safety of a batch (:func:`batch_maps`, issue 12):
   afterwards) remove the knee being written and write the manifest of the complete items (the manifest is also
   rewritten every :data:`CHECKPOINT_S` seconds, so even SIGKILL leaves one) before the interrupt propagates; the
   re-run resumes.
+* **Sharding** (``rank`` / ``world_size``, torchrun: ``bundles/thickness/configs/multi_gpu_inference.json``):
+  item ``k`` goes to rank ``k % world_size``; rank 0 alone holds the lock and checks the settings, and its outcome
+  is broadcast (a second run's ranks all stop before writing); each rank writes its own items and its part
+  manifest (:func:`part_manifest_name`, at checkpoints and on interruption); rank 0 gathers every rank's rows
+  and writes the one ``maps_manifest.csv`` (same rows, order and bytes as one process), then removes the parts.
+  A later run reads the parts of an interrupted sharded run as complete work.
 """
 
 from __future__ import annotations
@@ -194,16 +200,19 @@ def _complete(out_dir: Path, row: dict) -> bool:
 def _previous_run(out_dir: Path, settings: dict, overwrite: bool) -> dict[str, dict]:
     """Rows of an earlier run in ``out_dir`` that can be kept (``{item: row}``), after the settings check."""
     manifest, settings_file = out_dir / MAPS_MANIFEST, out_dir / SETTINGS_FILE
-    if not manifest.exists() and not settings_file.exists():
+    parts = _part_manifests(out_dir)  # left by an interrupted sharded run: its ranks' complete items
+    if not manifest.exists() and not settings_file.exists() and not parts:
         return {}
     try:
         old_settings = json.loads(settings_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         old_settings = None
-    try:
-        old = pd.read_csv(manifest, dtype=str, keep_default_na=False).to_dict("records") if manifest.exists() else []
-    except (OSError, ValueError, pd.errors.EmptyDataError):
-        old = []
+    old = []
+    for f in [manifest, *parts]:  # a part's row (newer) replaces the manifest's row of the same item below
+        try:
+            old += pd.read_csv(f, dtype=str, keep_default_na=False).to_dict("records") if f.exists() else []
+        except (OSError, ValueError, pd.errors.EmptyDataError):
+            pass
     if old_settings == settings and not overwrite:
         return {r["item"]: _typed(r) for r in old if r.get("item") and _complete(out_dir, r)}
     if not overwrite:
@@ -220,74 +229,168 @@ def _previous_run(out_dir: Path, settings: dict, overwrite: bool) -> dict[str, d
         names = _listed(out_dir, r)
         _remove_outputs(out_dir, names)
         n += len(names)
-    for f in (manifest, settings_file):
+    for f in (manifest, settings_file, *parts):
         f.unlink(missing_ok=True)
     logger.warning("--overwrite: removed %d output file(s) of the earlier run in %s", n, out_dir)
     return {}
 
 
+def part_manifest_name(rank: int) -> str:
+    """File name of rank ``rank``'s part of the outputs manifest in a sharded (torchrun) batch."""
+    return f"maps_manifest.rank{int(rank)}.csv"
+
+
+def _part_manifests(out_dir: Path) -> list[Path]:
+    return sorted(out_dir.glob("maps_manifest.rank*.csv"))
+
+
+class _Group:
+    """The ranks of a sharded batch: ``torch.distributed`` collectives (any backend; ``gloo`` on CPU), or nothing
+    for a single process."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = int(rank), int(world_size)
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be in 0..world_size-1 (got rank {rank}, world_size {world_size})")
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            if not (dist.is_available() and dist.is_initialized()):
+                raise ValueError("a sharded thickness batch (world_size > 1) needs torch.distributed initialised "
+                                 "(run it with torchrun and configs/multi_gpu_inference.json)")
+            if dist.get_world_size() != self.world_size or dist.get_rank() != self.rank:
+                raise ValueError(f"rank {rank} / world_size {world_size} differ from torch.distributed's "
+                                 f"{dist.get_rank()} / {dist.get_world_size()}")
+            self._dist = dist
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        self._dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj: Any) -> list | None:
+        """Every rank's ``obj`` (rank order) on rank 0; ``None`` on the others."""
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size if self.rank == 0 else None
+        self._dist.gather_object(obj, out, dst=0)
+        return out
+
+
 def batch_maps(items: Iterable[dict], out_dir: str | Path, size=(310, 310), method: str = "volume",
-               png: bool = True, progress: bool = True, dicom: bool = False, overwrite: bool = False) -> pd.DataFrame:
+               png: bool = True, progress: bool = True, dicom: bool = False, overwrite: bool = False,
+               rank: int = 0, world_size: int = 1) -> pd.DataFrame:
     """Maps for many knees. ``items``: dicts with ``labels`` (path), ``side`` and ``stem`` (+ optional
     ``dicom_source``, the DESS DICOM series of the knee, and any metadata columns to carry over; an item with
     a non-empty ``error`` failed upstream and is only recorded). A knee that fails is recorded
     (``status="failed"``, ``error``) and the batch goes on; implausible maps are written and flagged
     (``low_confidence``). Writes ``maps_manifest.csv`` in ``out_dir`` (the outputs manifest of
     :mod:`pipeline.io.results`); ``dicom``: DICOM Parametric Maps too. Re-runs, locking and interruption: see
-    the module docstring (``overwrite``: replace an earlier run's outputs instead of resuming / refusing)."""
+    the module docstring (``overwrite``: replace an earlier run's outputs instead of resuming / refusing).
+
+    Sharded (``world_size > 1``, every rank calls this with the same ``items`` after
+    ``torch.distributed.init_process_group``): item ``k`` is computed by rank ``k % world_size``. Rank 0 alone
+    takes the lock, checks the settings (resume / refuse / ``overwrite``) and tells the others the outcome (an
+    error stops every rank before it writes anything); each rank then writes its own items' files (and its part
+    manifest :func:`part_manifest_name` at checkpoints and on interruption); rank 0 gathers the rows and writes
+    the single ``maps_manifest.csv``, the same rows in the same order as a single-process run, then removes the
+    parts. Returns the merged manifest on rank 0 and the rank's own rows on the others."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     items = list(items)
+    group = _Group(rank, world_size)
+    sharded = group.world_size > 1
     settings = {"size": [int(x) for x in size], "method": str(method), "png": bool(png), "dicom": bool(dicom)}
-    with output_lock(out_dir, LOCK_FILE, what="thickness run"), sigterm_as_interrupt():  # SIGTERM = Ctrl-C
-        remove_partials(out_dir)
-        keep = _previous_run(out_dir, settings, bool(overwrite))
-        write_text_atomic(out_dir / SETTINGS_FILE, json.dumps(settings, indent=1))
-        names, problems = [], {}
-        for i, it in enumerate(items):
-            try:
-                names.append(safe_name(it.get("stem", ""), "item name"))
-            except UnsafeNameError as e:
-                names.append(str(it.get("stem", "")))
-                problems[i] = f"unsafe output name: {e}"
-        active = [i for i, it in enumerate(items) if i not in problems and not it.get("error")]
-        for name, idx in find_collisions([names[i] for i in active]).items():
-            group = [active[j] for j in idx]
-            srcs = ", ".join(str(items[j].get("labels") or items[j].get("stem")) for j in group)
-            for j in group:
-                problems[j] = (f"output name {name!r} is shared by {len(group)} inputs ({srcs}); their maps would "
-                               f"overwrite each other, so none is written: rename the inputs (or their subject_id)")
-        rows: dict[int, dict] = {}
-        current = set(names)
-        last = time.monotonic()
-
-        def _rows() -> list[dict]:
-            out = []
-            for i in range(len(items)):
-                if i in rows:
-                    out.append(rows[i])
-                elif names[i] in keep and _complete(out_dir, keep[names[i]]):
-                    out.append(keep[names[i]])  # not reached (interrupted): the earlier complete row stands
-            return out + [r for n, r in keep.items() if n not in current and _complete(out_dir, r)]
-
-        i = -1
+    with contextlib.ExitStack() as stack:
+        failure, keep = None, {}
         try:
-            for i, it in enumerate(tqdm(items, desc="thickness maps", unit="knee", disable=not progress)):
-                rows[i] = _one_item(it, names[i], problems.get(i), keep, out_dir, size, method, png, dicom)
-                if time.monotonic() - last > CHECKPOINT_S:
-                    write_manifest(out_dir / MAPS_MANIFEST, _rows())
-                    last = time.monotonic()
-        except KeyboardInterrupt:
-            prev = keep.get(names[i]) if 0 <= i < len(items) else None
-            if 0 <= i < len(items) and i not in rows and i not in problems and not (
-                    prev and prev.get("labels", "") == str(items[i].get("labels", "")) and _complete(out_dir, prev)):
-                _remove_outputs(out_dir, output_names(names[i], png, dicom))  # the knee being written
-                keep.pop(names[i], None)
-            write_manifest(out_dir / MAPS_MANIFEST, _rows())
-            logger.warning("interrupted: %s lists the %d complete item(s); run the same command again to resume",
-                           out_dir / MAPS_MANIFEST, len(rows))
-            raise
-        return write_manifest(out_dir / MAPS_MANIFEST, _rows())
+            if group.rank == 0:  # a second concurrent run stops here (its other ranks learn it below)
+                stack.enter_context(output_lock(out_dir, LOCK_FILE, what="thickness run"))
+            stack.enter_context(sigterm_as_interrupt())  # SIGTERM = Ctrl-C
+            if group.rank == 0:
+                remove_partials(out_dir)
+                keep = _previous_run(out_dir, settings, bool(overwrite))
+                write_text_atomic(out_dir / SETTINGS_FILE, json.dumps(settings, indent=1))
+        except Exception as e:
+            if not sharded:
+                raise
+            failure = e
+        if sharded:
+            failure, keep = group.broadcast((failure, keep))
+        if failure is not None:
+            raise failure
+        return _batch_body(items, out_dir, keep, group, size, method, png, dicom, progress)
+
+
+def _batch_body(items: list[dict], out_dir: Path, keep: dict, group: _Group, size, method, png, dicom,
+                progress) -> pd.DataFrame:
+    sharded = group.world_size > 1
+    names, problems = [], {}
+    for i, it in enumerate(items):
+        try:
+            names.append(safe_name(it.get("stem", ""), "item name"))
+        except UnsafeNameError as e:
+            names.append(str(it.get("stem", "")))
+            problems[i] = f"unsafe output name: {e}"
+    active = [i for i, it in enumerate(items) if i not in problems and not it.get("error")]
+    for name, idx in find_collisions([names[i] for i in active]).items():
+        group_idx = [active[j] for j in idx]
+        srcs = ", ".join(str(items[j].get("labels") or items[j].get("stem")) for j in group_idx)
+        for j in group_idx:
+            problems[j] = (f"output name {name!r} is shared by {len(group_idx)} inputs ({srcs}); their maps would "
+                           f"overwrite each other, so none is written: rename the inputs (or their subject_id)")
+    mine = list(range(group.rank, len(items), group.world_size))  # deterministic split: item k -> rank k % W
+    rows: dict[int, dict] = {}
+    current = set(names)
+    own_manifest = out_dir / (part_manifest_name(group.rank) if sharded else MAPS_MANIFEST)
+    last = time.monotonic()
+
+    def _rows(done: dict[int, dict], indices: Iterable[int], extras: bool) -> list[dict]:
+        out = []
+        for i in indices:
+            if i in done:
+                out.append(done[i])
+            elif names[i] in keep and _complete(out_dir, keep[names[i]]):
+                out.append(keep[names[i]])  # not reached (interrupted): the earlier complete row stands
+        return out + ([r for n, r in keep.items() if n not in current and _complete(out_dir, r)] if extras else [])
+
+    i = -1
+    desc = "thickness maps" + (f" (rank {group.rank}/{group.world_size})" if sharded else "")
+    try:
+        for i in tqdm(mine, desc=desc, unit="knee", disable=not progress):
+            rows[i] = _one_item(items[i], names[i], problems.get(i), keep, out_dir, size, method, png, dicom)
+            if time.monotonic() - last > CHECKPOINT_S:
+                write_manifest(own_manifest, _rows(rows, mine, not sharded))
+                last = time.monotonic()
+    except KeyboardInterrupt:
+        prev = keep.get(names[i]) if 0 <= i < len(items) else None
+        if 0 <= i < len(items) and i not in rows and i not in problems and not (
+                prev and prev.get("labels", "") == str(items[i].get("labels", "")) and _complete(out_dir, prev)):
+            _remove_outputs(out_dir, output_names(names[i], png, dicom))  # the knee being written
+            keep.pop(names[i], None)
+        write_manifest(own_manifest, _rows(rows, mine, not sharded))
+        logger.warning("interrupted: %s lists the %d complete item(s); run the same command again to resume",
+                       own_manifest, len(rows))
+        raise
+    if not sharded:
+        df = write_manifest(out_dir / MAPS_MANIFEST, _rows(rows, range(len(items)), True))
+        for p in _part_manifests(out_dir):  # an earlier interrupted sharded run's parts are merged now
+            p.unlink(missing_ok=True)
+        return df
+    write_manifest(own_manifest, _rows(rows, mine, False))  # kept should the merge not happen
+    parts = group.gather(rows)
+    if group.rank != 0:
+        return pd.read_csv(own_manifest, dtype=str, keep_default_na=False)
+    merged: dict[int, dict] = {}
+    for part in parts:
+        merged.update(part)
+    df = write_manifest(out_dir / MAPS_MANIFEST, _rows(merged, range(len(items)), True))
+    for p in _part_manifests(out_dir):
+        p.unlink(missing_ok=True)
+    return df
 
 
 def _one_item(it: dict, name: str, problem: str | None, keep: dict, out_dir: Path, size, method, png,
