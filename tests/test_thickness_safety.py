@@ -331,8 +331,12 @@ import numpy as np
 import pipeline.thickness.maps_io as maps_io
 from pipeline.thickness.atlas import FlattenResult
 
+calls = []
+
 def slow(labels, affine, side, size=(16, 16), method="volume"):
-    time.sleep(0.4)
+    calls.append(1)
+    # two quick knees, then slow ones: the parent has seconds to see k1 and interrupt, even on a loaded machine
+    time.sleep(0.3 if len(calls) <= 2 else 5.0)
     return FlattenResult(np.full(size, 2.0, np.float32), np.full(size, 1.5, np.float32), {"fc": 1.0, "tc": 1.0}, {})
 
 maps_io.labels_to_maps = slow
