@@ -216,3 +216,23 @@ def test_folder_pairs_match_by_name_and_list_missing_partners(tmp_path):
 def test_summary_json_records_roles(trained):
     meta = json.loads((trained / "eval" / "summary.json").read_text())
     assert meta["roles"]["labelled_dxa"] == 5 and meta["pairing"] == "both"
+
+
+def test_label_map_checks_name_the_file(tmp_path):
+    from pipeline.registration.data import load_crop
+
+    empty = tmp_path / "empty_labels.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((64, 64), np.uint8), np.eye(4)), str(empty))
+    with pytest.raises(ValueError, match="empty_labels.nii.gz.*empty"):
+        load_crop(empty, 64, labels=True)
+    odd = tmp_path / "odd_labels.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((64, 64), 7, np.uint8), np.eye(4)), str(odd))
+    with pytest.raises(ValueError, match="odd_labels.nii.gz.*outside the bone table"):
+        load_crop(odd, 64, labels=True)
+    ok = tmp_path / "ok_labels.nii.gz"
+    arr = np.zeros((64, 64), np.uint8)
+    arr[10:30, 5:40] = 1
+    arr[35:60, 5:40] = 2
+    nib.save(nib.Nifti1Image(arr, np.eye(4)), str(ok))
+    lab = load_crop(ok, 32, labels=True)
+    assert lab.shape == (1, 32, 32) and set(np.unique(lab)) == {0, 1, 2}  # nearest resampling keeps the values
