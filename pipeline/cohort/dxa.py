@@ -58,7 +58,7 @@ from pipeline.geometry import apply_matrix, mirror_matrix
 from pipeline.io.atomic import write_text_atomic
 
 from .anatomy import KneeVisit
-from .radiograph import DetectorGeometry, KneePlacement
+from .radiograph import DetectorGeometry, KneePlacement, knee_detector_points
 from .shapes import Pose
 
 __all__ = [
@@ -210,18 +210,10 @@ def paint_labels(kv: KneeVisit, u: np.ndarray, w: np.ndarray, out: np.ndarray | 
 def radiograph_labels(knees: list[tuple[KneeVisit, KneePlacement]], geom: DetectorGeometry) -> np.ndarray:
     """Bone label map (uint8, rows x columns of ``geom``) of a bilateral radiograph, on its own pixel grid.
 
-    Each knee is painted on the columns within a quarter detector width of its centre (as
-    :func:`~pipeline.cohort.radiograph.line_integrals` projects it)."""
-    H, W = geom.shape
-    X = geom.x0 + np.arange(W) * geom.spacing
-    Z = geom.z0 - np.arange(H) * geom.spacing
-    lab = np.zeros((H, W), np.uint8)
-    for kv, place in knees:
-        cols = np.nonzero(np.abs(X - place.centre[0]) < 0.25 * geom.width_mm)[0]
-        if cols.size == 0:
-            continue
-        XX, ZZ = np.meshgrid(X[cols], Z, indexing="xy")
-        u, w = place.to_knee(XX, ZZ)
+    Each knee is painted on the pixels :func:`~pipeline.cohort.radiograph.knee_detector_points` gives it (those
+    :func:`~pipeline.cohort.radiograph.line_integrals` projects it onto)."""
+    lab = np.zeros(geom.shape, np.uint8)
+    for kv, cols, u, w in knee_detector_points(knees, geom):
         sub = lab[:, cols]
         paint_labels(kv, u, w, out=sub)
         lab[:, cols] = sub

@@ -73,20 +73,27 @@ class DetectorGeometry:
         return (np.asarray(X) - self.x0) / self.spacing, (self.z0 - np.asarray(Z)) / self.spacing
 
 
-def line_integrals(knees: list[tuple[KneeVisit, KneePlacement]], geom: DetectorGeometry,
-                   bone_only: bool = False) -> np.ndarray:
-    """Attenuation line integral ``sum(mu * length)`` per pixel (dimensionless), shape ``geom.shape``."""
+def knee_detector_points(knees: list[tuple[KneeVisit, KneePlacement]], geom: DetectorGeometry):
+    """Per knee ``(kv, cols, u, w)``: the detector columns of its half of the detector (within a quarter
+    detector width of its centre) and the knee-frame coordinates ``(u, w)`` (mm, ``rows x len(cols)``) of those
+    pixel centres. The one place that decides which pixels a knee is projected onto (attenuation and labels)."""
     H, W = geom.shape
     X = geom.x0 + np.arange(W) * geom.spacing
     Z = geom.z0 - np.arange(H) * geom.spacing
-    P = np.zeros((H, W))
     for kv, place in knees:
-        # only the columns of this knee's half of the detector
         cols = np.nonzero(np.abs(X - place.centre[0]) < 0.25 * geom.width_mm)[0]
         if cols.size == 0:
             continue
         XX, ZZ = np.meshgrid(X[cols], Z, indexing="xy")
         u, w = place.to_knee(XX, ZZ)
+        yield kv, cols, u, w
+
+
+def line_integrals(knees: list[tuple[KneeVisit, KneePlacement]], geom: DetectorGeometry,
+                   bone_only: bool = False) -> np.ndarray:
+    """Attenuation line integral ``sum(mu * length)`` per pixel (dimensionless), shape ``geom.shape``."""
+    P = np.zeros(geom.shape)
+    for kv, cols, u, w in knee_detector_points(knees, geom):
         acc = np.zeros(u.shape)
         if not bone_only:
             acc += MU_SOFT * kv.envelope_length(u, w)

@@ -80,6 +80,32 @@ def has_dicm_preamble(path: PathLike) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
+def is_dicom_file(path: PathLike) -> bool:
+    """A ``.dcm`` file or any file with the ``DICM`` marker (OAI's extension-less files)."""
+    p = Path(path)
+    return p.suffix.lower() == ".dcm" or has_dicm_preamble(p)
+
+
+def series_laterality(folder: PathLike) -> str | None:
+    """``"R"`` / ``"L"`` from Laterality (0020,0060), else ImageLaterality (0020,0062), of the first readable
+    DICOM file of a series folder (headers only); ``None`` when it holds neither (or no readable file)."""
+    import pydicom
+
+    for f in sorted(Path(folder).iterdir()):
+        if not (f.is_file() and is_dicom_file(f)):
+            continue
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - an unreadable header: the validators report it; try the next file
+            continue
+        for kw in ("Laterality", "ImageLaterality"):
+            val = str(getattr(ds, kw, "") or "").strip().upper()
+            if val in ("R", "L"):
+                return val
+        return None
+    return None
+
+
 def list_radiographs(folder: PathLike) -> list[Path]:
     """DICOM files directly inside ``folder`` (not recursive), sorted by name.
 

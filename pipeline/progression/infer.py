@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from pipeline.conventions import side_from_name
 from pipeline.io.checkpoints import load_network
-from pipeline.io.dicom import has_dicm_preamble
+from pipeline.io.dicom import is_dicom_file, series_laterality
 from pipeline.io.manifest import load_manifest, resolve
 from pipeline.io.paths import contained_path, find_collisions, name_from_path, output_lock, safe_name
 from pipeline.io.results import (
@@ -172,30 +172,9 @@ def _is_nifti(p: Path) -> bool:
     return p.name.lower().endswith(NIFTI_SUFFIXES)
 
 
-def _is_dicom_file(p: Path) -> bool:
-    return p.suffix.lower() == ".dcm" or has_dicm_preamble(p)
-
-
-def _dicom_laterality(folder: Path) -> Optional[str]:
-    import pydicom
-
-    for f in sorted(folder.iterdir()):
-        if f.is_file() and _is_dicom_file(f):
-            try:
-                ds = pydicom.dcmread(f, stop_before_pixels=True)
-            except Exception:  # noqa: BLE001 - unreadable: the validator reports it; the side is just unknown
-                continue
-            for kw in ("Laterality", "ImageLaterality"):
-                val = str(getattr(ds, kw, "") or "").strip().upper()
-                if val in ("R", "L"):
-                    return val
-            return None
-    return None
-
-
 def _side(path: Path, root: Path, is_series: bool) -> tuple[str, str]:
     if is_series:
-        lat = _dicom_laterality(path)
+        lat = series_laterality(path)
         if lat:
             return lat, "dicom"
     try:
@@ -216,7 +195,7 @@ def _folder_items(root: Path) -> list[dict[str, Any]]:
             kind = "nifti"
         elif p.suffix.lower() in OTHER_IMAGE_SUFFIXES:
             kind = "other"
-        elif _is_dicom_file(p):
+        elif is_dicom_file(p):
             series.add(p.parent)
             continue
         else:
@@ -254,7 +233,7 @@ def inference_items(source: PathLike, visit: int = 0) -> list[dict[str, Any]]:
         return _manifest_items(p, visit)
     if p.is_dir():
         files = [q for q in p.iterdir() if q.is_file() and not q.name.startswith(".")]
-        if files and all(_is_dicom_file(q) for q in files) and not any(q.is_dir() for q in p.iterdir()):
+        if files and all(is_dicom_file(q) for q in files) and not any(q.is_dir() for q in p.iterdir()):
             side, src = _side(p, p.parent, True)  # the folder is one series
             return [{"image": str(p), "name": p.name, "side": side, "side_source": src, "kind": "dicom"}]
         return _folder_items(p)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from pipeline.conventions import side_from_name
-from pipeline.io.dicom import has_dicm_preamble
+from pipeline.io.dicom import is_dicom_file, series_laterality
 from pipeline.io.manifest import load_manifest, resolve, split_subjects
 
 PathLike = Union[str, Path]
@@ -67,10 +67,6 @@ def datalist_from_manifest(manifest_path: PathLike, split: Optional[str] = "trai
     return out
 
 
-def _is_dicom_file(path: Path) -> bool:
-    return path.suffix.lower() == ".dcm" or has_dicm_preamble(path)
-
-
 def _is_nifti(path: Path) -> bool:
     name = path.name.lower()
     return any(name.endswith(s) for s in NIFTI_SUFFIXES)
@@ -82,20 +78,9 @@ def side_from_path(path: PathLike) -> Optional[str]:
 
 
 def side_from_dicom(folder: PathLike) -> Optional[str]:
-    """Laterality (0020,0060) or ImageLaterality (0020,0062) of the first DICOM file of a series folder."""
-    import pydicom
-
-    for f in sorted(Path(folder).iterdir()):
-        if f.is_file() and _is_dicom_file(f):
-            try:
-                ds = pydicom.dcmread(f, stop_before_pixels=True)
-            except Exception:  # noqa: BLE001 - an unreadable header just means "unknown"
-                return None
-            for kw in ("Laterality", "ImageLaterality"):
-                val = str(getattr(ds, kw, "") or "").strip().upper()
-                if val in ("R", "L"):
-                    return val
-            return None
+    """Laterality (0020,0060) or ImageLaterality (0020,0062) of the first readable DICOM file of a series folder
+    (:func:`pipeline.io.dicom.series_laterality`)."""
+    return series_laterality(folder)
     return None
 
 
@@ -122,7 +107,7 @@ def datalist_from_folder(folder: PathLike, default_side: str = "L", recursive: b
             side = side_from_path(p.relative_to(root))
             items.append({"image": str(p.resolve()), "side": side or default_side,
                           "side_source": "path" if side else "default", "subject_id": p.name.split(".")[0]})
-        elif p.parent not in series_dirs and _is_dicom_file(p):
+        elif p.parent not in series_dirs and is_dicom_file(p):
             series_dirs.add(p.parent)
     for d in sorted(series_dirs):
         side, src = side_from_dicom(d), "dicom"
