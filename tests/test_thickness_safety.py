@@ -326,7 +326,10 @@ def test_header_only_manifest_stops_the_bundle_with_rc_1(tmp_path):
 
 
 SIGINT_SCRIPT = """
-import sys, time
+import signal, sys, time
+# a process started in the background by a non-interactive shell inherits SIGINT as ignored (POSIX), and then
+# Python installs no KeyboardInterrupt handler: restore it, as in a terminal where a user presses Ctrl-C
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import numpy as np
 import pipeline.thickness.maps_io as maps_io
 from pipeline.thickness.atlas import FlattenResult
