@@ -85,7 +85,8 @@ df = load_manifest("cohort/manifest.csv")
 assert manifest_schema_path().is_relative_to(work / "venv") and len(df) > 0
 for d in (MRIS_DEMO, KNEEL_DEMO, MRIS_CONFIG_DIR, DS_CONFIG_DIR):
     assert (d / "train.json").is_file(), d
-assert set(bundle_names()) == {"dess_seg", "direct_synthesis", "kneel", "mris", "thickness"}, bundle_names()
+assert set(bundle_names()) == {"dess_seg", "direct_synthesis", "kneel", "mris", "progression_mr", "segreg",
+                             "thickness"}, bundle_names()
 assert all((bundle_configs(n) / "inference.json").is_file() for n in bundle_names())
 assert bundle_root("mris") == str(Path.cwd() / "bundles" / "mris")  # outputs: here, not in the venv
 print(f"ok: pipeline from {Path(pipeline.__file__).parent}, {len(df)} manifest rows, schema {manifest_schema_path()}")
