@@ -175,6 +175,14 @@ def split_roles(table: pd.DataFrame, n_labelled: int = 5, test_fraction: float =
     return Roles(labelled, unlabelled, train, test, subjects)
 
 
+def load_roles(manifest: str | os.PathLike, n_labelled: int = 5, test_fraction: float = 0.25,
+               seed: int = 0) -> tuple[pd.DataFrame, Roles]:
+    """:func:`crop_table` of ``manifest`` and its :func:`split_roles` (what every stage and the evaluation start
+    from)."""
+    table = crop_table(manifest)
+    return table, split_roles(table, n_labelled=n_labelled, test_fraction=test_fraction, seed=seed)
+
+
 def load_role_arrays(table: pd.DataFrame, rows: Sequence[int], column: str, size: int | None = None,
                      allow_xray_labels: bool = False) -> np.ndarray:
     """Stack the crops of ``rows`` from ``column`` as ``N x 1 x size x size``.

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from pipeline.io.atomic import write_text_atomic
 from pipeline.io.checkpoints import load_network
-from pipeline.registration.data import BONES, crop_table, load_role_arrays, onehot, split_roles
+from pipeline.registration.data import BONES, load_role_arrays, load_roles, onehot
 
 METHODS = ("affine", "gradicon_lncc", "gradicon_mi", "bspline_mi", "segreg", "oracle")
 #: Checkpoint file (in the models folder) each learned method needs.
@@ -193,8 +193,7 @@ def run_evaluation(manifest: str | os.PathLike, ckpt_dir: str | os.PathLike, out
     device = torch.device(device)
     out = Path(output_dir)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
-    table = crop_table(manifest)
-    roles = split_roles(table, n_labelled=n_labelled, test_fraction=test_fraction, seed=split_seed)
+    table, roles = load_roles(manifest, n_labelled, test_fraction, split_seed)
     rows = roles.test
     pairs = held_out_pairs(table, rows, pairing, seed=split_seed)
     mov_all = torch.as_tensor(load_role_arrays(table, rows, "dxa_crop", image_size))

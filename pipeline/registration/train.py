@@ -29,10 +29,9 @@ from pipeline.io.checkpoints import load_network
 from pipeline.registration.data import (
     PairDataset,
     all_pairs,
-    crop_table,
     load_role_arrays,
+    load_roles,
     onehot,
-    split_roles,
 )
 
 PAIR_KINDS = ("dxa", "cross", "labels")
@@ -74,8 +73,7 @@ def registration_pools(manifest: str | os.PathLike, pairs: str, image_size: int 
     ``segmenter_xray.pt`` in ``ckpt_dir``)."""
     if pairs not in PAIR_KINDS:
         raise ValueError(f"pairs must be one of {PAIR_KINDS}, got {pairs!r}")
-    table = crop_table(manifest)
-    roles = split_roles(table, n_labelled=n_labelled, test_fraction=test_fraction, seed=split_seed)
+    table, roles = load_roles(manifest, n_labelled, test_fraction, split_seed)
     dxa_rows = roles.labelled_dxa + roles.unlabelled_dxa
     if pairs == "dxa":
         imgs = load_role_arrays(table, dxa_rows, "dxa_crop", image_size)
@@ -113,8 +111,7 @@ def augment_by_registration(manifest: str | os.PathLike, ckpt_dir: str | os.Path
     from pipeline.registration.step import register
 
     device = torch.device(device)
-    table = crop_table(manifest)
-    roles = split_roles(table, n_labelled=n_labelled, test_fraction=test_fraction, seed=split_seed)
+    table, roles = load_roles(manifest, n_labelled, test_fraction, split_seed)
     net = load_network(_need(ckpt_dir, network)).to(device).eval()
     src = torch.as_tensor(load_role_arrays(table, roles.labelled_dxa, "dxa_crop", image_size))
     src_lab = torch.as_tensor(load_role_arrays(table, roles.labelled_dxa, "dxa_crop_labels", image_size))
@@ -173,8 +170,7 @@ def segmenter_training_set(manifest: str | os.PathLike, ckpt_dir: str | os.PathL
     augmented samples whose TARGET image is in a held-out ``val_fraction`` of the unlabelled DXA images (no
     manual label beyond the ``n_labelled`` is used). Keys ``train_images``, ``train_labels``, ``val_images``,
     ``val_labels``."""
-    table = crop_table(manifest)
-    roles = split_roles(table, n_labelled=n_labelled, test_fraction=test_fraction, seed=split_seed)
+    table, roles = load_roles(manifest, n_labelled, test_fraction, split_seed)
     man_img = load_role_arrays(table, roles.labelled_dxa, "dxa_crop", image_size)
     man_lab = load_role_arrays(table, roles.labelled_dxa, "dxa_crop_labels", image_size)
     aug = np.load(_need(ckpt_dir, "augmented.npz"))
@@ -196,8 +192,7 @@ def cyclegan_training_set(manifest: str | os.PathLike, ckpt_dir: str | os.PathLi
     """CycleGAN data: source = DXA images with labels (manual + augmented), target = training radiographs
     (images only). Keys ``source_images``, ``source_labels``, ``target_images``."""
     seg = segmenter_training_set(manifest, ckpt_dir, image_size, n_labelled, test_fraction, split_seed, val_fraction=0.0)
-    table = crop_table(manifest)
-    roles = split_roles(table, n_labelled=n_labelled, test_fraction=test_fraction, seed=split_seed)
+    table, roles = load_roles(manifest, n_labelled, test_fraction, split_seed)
     return {"source_images": seg["train_images"], "source_labels": seg["train_labels"],
             "target_images": load_role_arrays(table, roles.train_xray, "xray_crop", image_size)}
 
