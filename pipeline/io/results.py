@@ -38,7 +38,7 @@ from pipeline.io.atomic import atomic_path
 
 __all__ = ["DEFAULT_VMAX_MM", "FAILED", "LOW_CONFIDENCE", "MANIFEST_COLUMNS", "MapResultWriter", "OK", "item_name",
            "OUTPUTS_MANIFEST", "STATUSES", "manifest_row", "relative_paths", "save_csv", "save_figure",
-           "save_map_png", "save_npy", "status_of", "write_manifest"]
+           "save_map_png", "save_npy", "status_counts", "status_of", "write_manifest"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,11 @@ def status_of(value: Any) -> str:
 
 
 # ----------------------------------------------------------------------------------------- atomic files
+def status_counts(table: pd.DataFrame) -> dict[str, int]:
+    """``{status: count}`` over :data:`STATUSES` of an outputs manifest (or any table with a ``status`` column)."""
+    return {st: int((table["status"] == st).sum()) for st in STATUSES}
+
+
 def save_npy(path: PathLike, array: np.ndarray) -> Path:
     """``np.save`` atomically; returns the path."""
     path = Path(path)

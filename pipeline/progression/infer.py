@@ -54,6 +54,7 @@ from pipeline.io.results import (
     OUTPUTS_MANIFEST,
     manifest_row,
     save_csv,
+    status_counts,
     status_of,
     write_manifest,
 )
@@ -313,7 +314,6 @@ def run_inference(input: PathLike, output_dir: PathLike, checkpoint: Any, device
     return df
 
 
-def summary_counts(df: pd.DataFrame) -> dict[str, int]:
-    """``{status: count}`` of a predictions table."""
-    return {s: int((df["status"] == s).sum()) for s in (OK, LOW_CONFIDENCE, FAILED)}
+#: ``{status: count}`` of an outputs / predictions table (:func:`pipeline.io.results.status_counts`).
+summary_counts = status_counts
 

@@ -37,7 +37,15 @@ from tqdm.auto import tqdm
 from pipeline.io.atomic import atomic_path, write_text_atomic
 from pipeline.io.checkpoints import checkpoint_hash, load_network
 from pipeline.io.paths import contained_path, find_collisions, output_lock, safe_name, strip_data_extension
-from pipeline.io.results import FAILED, LOW_CONFIDENCE, OK, OUTPUTS_MANIFEST, manifest_row, write_manifest
+from pipeline.io.results import (
+    FAILED,
+    LOW_CONFIDENCE,
+    OK,
+    OUTPUTS_MANIFEST,
+    manifest_row,
+    status_counts,
+    write_manifest,
+)
 from pipeline.io.validate import describe_exception
 from pipeline.registration.data import BONES, normalise_image, onehot, read_image_2d
 from pipeline.user_errors import UserInputError
@@ -253,9 +261,8 @@ def run_inference(output_dir: str | os.PathLike, segmenter_dxa: str, segmenter_x
     return df
 
 
-def summary_counts(df: pd.DataFrame) -> dict[str, int]:
-    """``{status: count}`` over the statuses of an outputs manifest."""
-    return {s: int((df["status"] == s).sum()) for s in (OK, LOW_CONFIDENCE, FAILED)}
+#: ``{status: count}`` of an outputs / predictions table (:func:`pipeline.io.results.status_counts`).
+summary_counts = status_counts
 
 
 __all__: Sequence[str] = ("SegRegInference", "pairs_from_inputs", "run_inference", "summary_counts")
