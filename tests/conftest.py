@@ -46,3 +46,23 @@ def _restore_excepthook():
     hook = sys.excepthook
     yield
     sys.excepthook = hook
+
+
+@pytest.fixture
+def fast_maps(monkeypatch):
+    """The thickness atlas flattening replaced by plausible constant maps (FC 2.0 mm, TC 1.5 mm); returns the list
+    of sides it was called for (thickness bundle tests of re-runs, interrupts and safety)."""
+    import numpy as np
+
+    import pipeline.thickness.maps_io as maps_io
+    from pipeline.thickness.atlas import FlattenResult
+
+    calls: list = []
+
+    def fake(labels, affine, side, size=(16, 16), method="volume"):
+        calls.append(side)
+        return FlattenResult(np.full(size, 2.0, np.float32), np.full(size, 1.5, np.float32),
+                             {"fc": 1.0, "tc": 1.0}, {})
+
+    monkeypatch.setattr(maps_io, "labels_to_maps", fake)
+    return calls

@@ -55,20 +55,6 @@ def _labels(path: Path, spacing=(0.7, 0.7, 0.7), dtype=np.uint8, nan_slab: bool 
     return path
 
 
-@pytest.fixture
-def fast_maps(monkeypatch):
-    """Replace the atlas flattening by plausible constant maps; returns the list of labels shapes computed."""
-    calls: list = []
-
-    def fake(labels, affine, side, size=SIZE, method="volume"):
-        calls.append(side)
-        return FlattenResult(np.full(size, 2.0, np.float32), np.full(size, 1.5, np.float32),
-                             {"fc": 1.0, "tc": 1.0}, {})
-
-    monkeypatch.setattr(maps_io, "labels_to_maps", fake)
-    return calls
-
-
 def _files(folder: Path) -> set[str]:
     return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
 

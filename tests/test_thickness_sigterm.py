@@ -15,7 +15,6 @@ import pandas as pd
 import pytest
 
 import pipeline.thickness.maps_io as maps_io
-from pipeline.thickness.atlas import FlattenResult
 from pipeline.thickness.maps_io import MAPS_MANIFEST, batch_maps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,20 +59,6 @@ def _manifest_matches_folder(out: Path) -> pd.DataFrame:
     listed = {f for v in df.outputs for f in str(v).split(";") if f}
     assert listed == _files(out) - {MAPS_MANIFEST, maps_io.SETTINGS_FILE}, "manifest != files present"
     return df
-
-
-@pytest.fixture
-def fast_maps(monkeypatch):
-    """Plausible constant maps instead of the atlas flattening; returns the list of calls."""
-    calls: list = []
-
-    def fake(labels, affine, side, size=SIZE, method="volume"):
-        calls.append(side)
-        return FlattenResult(np.full(size, 2.0, np.float32), np.full(size, 1.5, np.float32),
-                             {"fc": 1.0, "tc": 1.0}, {})
-
-    monkeypatch.setattr(maps_io, "labels_to_maps", fake)
-    return calls
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGTERM") or sys.platform == "win32", reason="POSIX signals")
