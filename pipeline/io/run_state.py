@@ -23,6 +23,16 @@ While the run holds the state, SIGTERM raises ``KeyboardInterrupt`` like Ctrl-C 
 back afterwards), so both stop cleanly: the bundle removes the item in progress and writes the outputs
 manifest of the complete items (those of this run and the unreached complete items of the earlier one,
 :meth:`RunState.unreached`); the same command resumes.
+
+Sharded runs (torchrun, issue 16; :class:`pipeline.io.sharding.RankGroup`, taken from an initialised
+``torch.distributed`` by default): rank 0 alone takes the lock and checks the settings; its outcome (an error, or
+the earlier run's complete items) is broadcast, so every rank stops before writing when the folder is locked or
+holds other settings. Each rank loops over its own items (:meth:`RunState.mine`: item ``k`` is rank
+``k % world_size``'s), journals them in ``run_items.rank<r>.jsonl`` and shows its progress
+(:meth:`RunState.progress`); at the end :meth:`RunState.merge` gathers the per-item results on rank 0, which
+writes the summaries in item order (the bytes of a single-process run) and joins the journals into one
+``run_items.jsonl``. An interrupted sharded run leaves the ranks' journals; the next run (any number of ranks)
+reads them all and resumes.
 """
 
 from __future__ import annotations
@@ -35,15 +45,17 @@ import os
 import signal
 import threading
 import types
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 import pandas as pd
 
 from pipeline.io.atomic import remove_partials, write_text_atomic
 from pipeline.io.paths import contained_path, output_lock
+from pipeline.io.progress import RunProgress
 from pipeline.io.results import OUTPUTS_MANIFEST
+from pipeline.io.sharding import RankGroup
 from pipeline.user_errors import UserInputError
 
 __all__ = ["JOURNAL_FILE", "LOCK_FILE", "SETTINGS_FILE", "RunSettingsError", "RunState", "describe", "file_stamp",
@@ -52,6 +64,7 @@ __all__ = ["JOURNAL_FILE", "LOCK_FILE", "SETTINGS_FILE", "RunSettingsError", "Ru
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
+T = TypeVar("T")
 
 #: The settings of the run that wrote an output folder.
 SETTINGS_FILE = "run_settings.json"
@@ -190,15 +203,18 @@ class RunState:
     """
 
     def __init__(self, folder: PathLike, settings: Mapping[str, Any], what: str = "run", overwrite: bool = False,
-                 manifest: str = OUTPUTS_MANIFEST) -> None:
+                 manifest: str = OUTPUTS_MANIFEST, group: RankGroup | None = None) -> None:
         self.folder = Path(folder)
-        self.settings = describe(dict(settings), depth=8)
-        self.digest = settings_digest(settings)
+        self.settings = _folder_neutral(describe(dict(settings), depth=8), self.folder)
+        self.digest = settings_digest(self.settings)
         self.what = what
         self.overwrite = bool(overwrite)
         self.manifest = manifest
         self.done: dict[str, dict] = {}  # complete items of the earlier run (last journal line per key)
         self.reached: set[str] = set()
+        self.group = group if group is not None else RankGroup.current(what)
+        self._index: dict[str, int] = {}  # key -> item index (the merged journal's order)
+        self._at: int | None = None  # index of the item being done (set by :meth:`mine`)
         self._stack: contextlib.ExitStack | None = None
         self._journal = None
 
@@ -206,13 +222,27 @@ class RunState:
     def __enter__(self) -> RunState:
         self.folder.mkdir(parents=True, exist_ok=True)
         stack = contextlib.ExitStack()
+        group = self.group
         try:
-            stack.enter_context(output_lock(self.folder, LOCK_FILE, what=self.what))
-            remove_partials(self.folder)
-            self._previous_run()
-            write_text_atomic(self.folder / SETTINGS_FILE, json.dumps(
-                {"what": self.what, "digest": self.digest, "settings": self.settings}, indent=1, default=str))
-            self._journal = stack.enter_context(open(self.folder / JOURNAL_FILE, "a", encoding="utf-8"))
+            error = None
+            try:  # rank 0 alone takes the lock and decides resume / refuse / overwrite; the others learn the outcome
+                if group.rank == 0:
+                    stack.enter_context(output_lock(self.folder, LOCK_FILE, what=self.what))
+                    remove_partials(self.folder)
+                    self._previous_run()
+                    write_text_atomic(self.folder / SETTINGS_FILE, json.dumps(
+                        {"what": self.what, "digest": self.digest, "settings": self.settings}, indent=1, default=str))
+                    if group.sharded or self._rank_journals():  # one journal (an interrupted sharded run's joined)
+                        self._write_merged_journal(self.done)
+            except Exception as e:
+                if not group.sharded:
+                    raise
+                error = e
+            if group.sharded:
+                error, self.done = group.broadcast((error, self.done))
+                if error is not None:
+                    raise error
+            self._journal = stack.enter_context(open(self._journal_path(), "a", encoding="utf-8"))
             stack.enter_context(sigterm_as_interrupt())
         except BaseException:
             stack.close()
@@ -226,10 +256,46 @@ class RunState:
             stack.close()
 
     # ------------------------------------------------------------------------------------- items
+    def mine(self, items: Sequence[T]) -> Iterator[tuple[int, T]]:
+        """``(index, item)`` for the items of this rank (:meth:`pipeline.io.sharding.RankGroup.mine`: item ``k``
+        is rank ``k % world_size``'s); all of them in a single process."""
+        for i, item in self.group.mine(items):
+            self._at = i
+            yield i, item
+        self._at = None
+
+    def progress(self, total: int, desc: str | None = None, unit: str = "item", enabled: bool = True
+                 ) -> RunProgress:
+        """A :class:`pipeline.io.progress.RunProgress` for this rank's ``total`` items (bar + progress file in the
+        output folder; rank 0 shows the total of every rank)."""
+        return RunProgress(self.folder, total, desc or self.what, unit=unit, rank=self.group.rank,
+                           world_size=self.group.world_size, enabled=enabled)
+
+    def merge(self, per_item: Mapping[int, T]) -> dict[int, T] | None:
+        """At the end of a run: every rank's ``{item index: result}`` joined on rank 0 in item order (``None`` on
+        the other ranks), the items every rank reached joined too (so :meth:`unreached` is the run's), and the
+        ranks' journals joined into one ``run_items.jsonl`` in item order (the journal a single process writes).
+        A single process gets ``per_item`` back in item order."""
+        group = self.group
+        if not group.sharded:
+            return dict(sorted(per_item.items()))
+        parts = group.gather((dict(per_item), sorted(self.reached), self._index))
+        if parts is None:
+            return None
+        merged: dict[int, T] = {}
+        for part, reached, index in parts:
+            if set(part) & set(merged):
+                raise ValueError(f"items {sorted(set(part) & set(merged))} of the {self.what} were done by two ranks")
+            merged.update(part)
+            self.reached.update(reached)
+            self._index.update(index)
+        self._write_merged_journal(self._read_journal())
+        return dict(sorted(merged.items()))
+
     def previous(self, key: str, stamp: str = "") -> dict | None:
         """The earlier run's journal entry of ``key`` (``item, stamp, outputs, record``) when it can be kept: same
         ``stamp`` (non-empty) and every output present inside the folder; else ``None``. Marks ``key`` reached."""
-        self.reached.add(key)
+        self._reach(key)
         prev = self.done.get(key)
         if prev is None or not stamp or prev.get("stamp") != stamp or not self._present(prev):
             return None
@@ -237,7 +303,7 @@ class RunState:
 
     def forget(self, key: str) -> None:
         """Remove the files of an earlier attempt of ``key`` (it is being redone, or failed this time)."""
-        self.reached.add(key)
+        self._reach(key)
         prev = self.done.pop(key, None)
         if prev is not None:
             self._remove(prev.get("outputs", ()))
@@ -246,7 +312,7 @@ class RunState:
     def record(self, key: str, stamp: str, outputs: Iterable[PathLike], record: Mapping[str, Any] | None = None
                ) -> dict:
         """Journal ``key`` as complete (call after all its outputs are written); returns the entry."""
-        self.reached.add(key)
+        self._reach(key)
         entry = {"item": key, "stamp": stamp, "outputs": [self._rel(p) for p in outputs if p],
                  "record": dict(record or {})}
         self._write(entry)
@@ -267,6 +333,11 @@ class RunState:
         self._remove([self._rel(p) for p in paths if p])
 
     # ----------------------------------------------------------------------------------- helpers
+    def _reach(self, key: str) -> None:
+        self.reached.add(key)
+        if self._at is not None:
+            self._index.setdefault(key, self._at)
+
     def _rel(self, p: PathLike) -> str:
         p = Path(p)
         if not p.is_absolute():
@@ -300,11 +371,42 @@ class RunState:
         self._journal.write(json.dumps(entry, default=str) + "\n")
         self._journal.flush()
 
+    def _journal_path(self) -> Path:
+        """This process's journal: ``run_items.jsonl``, or ``run_items.rank<r>.jsonl`` for a rank of a sharded run
+        (joined into the first by :meth:`merge`, or by the next run)."""
+        if not self.group.sharded:
+            return self.folder / JOURNAL_FILE
+        return self.folder / JOURNAL_FILE.replace(".jsonl", f".rank{self.group.rank}.jsonl")
+
+    def _rank_journals(self) -> list[Path]:
+        """The ranks' journals of a sharded run in the folder (rank order)."""
+        def rank(p: Path) -> int:
+            digits = p.name[len("run_items.rank"):-len(".jsonl")]
+            return int(digits) if digits.isdigit() else -1
+
+        return sorted((p for p in self.folder.glob("run_items.rank*.jsonl") if rank(p) >= 0), key=rank)
+
+    def _journals(self) -> list[Path]:
+        """The journal, then the ranks' journals of a sharded run (a later file's line wins)."""
+        main = self.folder / JOURNAL_FILE
+        return ([main] if main.is_file() else []) + self._rank_journals()
+
+    def _write_merged_journal(self, entries: Mapping[str, dict]) -> None:
+        """One ``run_items.jsonl`` of ``entries`` (item order where known, then the others as they were); the
+        ranks' journals go."""
+        order = sorted(entries, key=lambda k: self._index.get(k, len(self._index)))
+        write_text_atomic(self.folder / JOURNAL_FILE, "".join(json.dumps(entries[k], default=str) + "\n"
+                                                              for k in order))
+        for p in self._rank_journals():
+            p.unlink(missing_ok=True)
+
     def _read_journal(self) -> dict[str, dict]:
         out: dict[str, dict] = {}
-        path = self.folder / JOURNAL_FILE
-        if not path.is_file():
-            return out
+        for path in self._journals():
+            self._read_one_journal(path, out)
+        return out
+
+    def _read_one_journal(self, path: Path, out: dict[str, dict]) -> None:
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 e = json.loads(line)
@@ -316,7 +418,6 @@ class RunState:
                 out.pop(e["item"], None)
             else:
                 out[e["item"]] = e
-        return out
 
     def _manifest_outputs(self) -> list[str]:
         path = self.folder / self.manifest
@@ -328,7 +429,7 @@ class RunState:
 
     def _previous_run(self) -> None:
         settings_file = self.folder / SETTINGS_FILE
-        used = [f for f in (settings_file, self.folder / JOURNAL_FILE, self.folder / self.manifest) if f.exists()]
+        used = [f for f in (settings_file, *self._journals(), self.folder / self.manifest) if f.exists()]
         if not used:
             return
         try:
@@ -358,6 +459,27 @@ class RunState:
         for f in used:
             f.unlink(missing_ok=True)
         logger.warning("--overwrite: removed %d output file(s) of the earlier run in %s", len(rels), self.folder)
+
+
+def _folder_neutral(obj: Any, folder: Path) -> Any:
+    """``obj`` (a :func:`describe` result) with the output folder's own path written ``<output_dir>``: the folder
+    may be moved or renamed (or be another rank's view of the same folder) and still resume."""
+    roots = sorted({os.fspath(folder), os.fspath(folder.absolute()), os.fspath(folder.resolve())}, key=len,
+                   reverse=True)
+
+    def walk(v: Any) -> Any:
+        if isinstance(v, str):
+            for r in roots:
+                if v == r or v.startswith(r + os.sep):
+                    return "<output_dir>" + v[len(r):]
+            return v
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        return v
+
+    return walk(obj)
 
 
 def _short(value: Any, n: int = 60) -> str:
