@@ -379,100 +379,146 @@ def run_knees(run: KneeRun, preprocessing: Callable[[dict], dict],
     files = _job_files(run)
     bad_names = {str(Path(files[i]).resolve()): reason for i, reason in name_problems(
         [item_name(f, root) for f in files], files, "input file name").items()}
-    knees: list[dict[str, Any]] = []
-    failures: list[dict[str, str]] = []
-    written: dict[str, list[Path]] = {}
-    notes: dict[str, str] = {}
+    per_file: dict[int, _FileResult] = {}  # job index -> its knees, failures, files and notes
+    jobs = run.jobs
     with RunState(out_dir, settings, desc, overwrite) as state:
         current = None
-        try:
-            for f, rows in tqdm(run.jobs, desc=desc, unit="file", disable=not progress):
-                if not rows:
-                    failures.append({"file": str(f), "error": run.problems.get(
-                        str(f.resolve()), "no landmarks for this file in the landmarks table")})
-                    continue
-                decoded, read_error = None, ""
-                for r in rows:
-                    name = knee_name(f, root, r["side"])
-                    bad = bad_names.get(str(f.resolve()))
-                    if bad:
-                        failures.append({"file": str(f), "side": r["side"], "error": bad})
+        with state.progress(len(state.group.indices(len(jobs))), desc, unit="file", enabled=progress) as bar:
+            try:
+                for i, _ in state.mine(range(len(jobs))):
+                    f, rows = (jobs.files[i], jobs.knees(jobs.files[i])) if isinstance(jobs, KneelKnees) else jobs[i]
+                    res = per_file[i] = _FileResult()
+                    if not rows:
+                        res.failures.append({"file": str(f), "error": run.problems.get(
+                            str(f.resolve()), "no landmarks for this file in the landmarks table")})
+                        bar.update("failed")
                         continue
-                    stamp = file_stamp(f, r["side"], r["x"], r["y"])
-                    prev = state.previous(name, stamp)
-                    if prev is not None:  # resumed: the earlier run's complete knee stands
-                        knees.append(prev["record"]["knee"])
-                        written[name] = [state.path(p) for p in prev["outputs"]]
-                        notes[name] = prev["record"].get("note", "")
-                        continue
-                    state.forget(name)
-                    if decoded is None and not read_error:
-                        decoded, read_error = _decode_once(f, rows)
-                    if read_error:
-                        failures.append({"file": str(f), "side": r["side"], "error": read_error})
-                        continue
-                    errors, flags = radiograph_problems(decoded, decoded.meta, (r["x"], r["y"]))
-                    if errors:  # garbage in: a failed row with the reason, never maps that look fine
-                        failures.append({"file": str(f), "side": r["side"],
-                                         "error": "implausible input: " + "; ".join(errors)})
-                        logger.warning("%s skipped %s (%s): %s", desc, f, r["side"], "; ".join(errors))
-                        continue
-                    current = name
-                    try:
-                        contained_path(out_dir, name)
-                        x = preprocessing({"image": decoded, "centre": (r["x"], r["y"]), "side": r["side"]})["image"]
-                        roi = knee_roi_record(x)
-                        x = torch.as_tensor(x).as_subclass(torch.Tensor).float()[None]
-                        maps, extras = predict(x)
-                        extras = dict(extras)
-                        kdir = writer(out_dir, name, maps, roi=roi,
-                                      **{"source": str(f), **extras.pop("writer_args", {})})
-                    except Exception as e:  # one bad file (or a failed write) must not stop the others
-                        _remove_knee_folder(out_dir, name)
+                    decoded, read_error = None, ""
+                    for r in rows:
+                        name = knee_name(f, root, r["side"])
+                        bad = bad_names.get(str(f.resolve()))
+                        if bad:
+                            res.failures.append({"file": str(f), "side": r["side"], "error": bad})
+                            continue
+                        stamp = file_stamp(f, r["side"], r["x"], r["y"])
+                        prev = state.previous(name, stamp)
+                        if prev is not None:  # resumed: the earlier run's complete knee stands
+                            res.add(name, prev["record"]["knee"], [state.path(p) for p in prev["outputs"]],
+                                    prev["record"].get("note", ""), kept=True)
+                            continue
+                        state.forget(name)
+                        if decoded is None and not read_error:
+                            decoded, read_error = _decode_once(f, rows)
+                        if read_error:
+                            res.failures.append({"file": str(f), "side": r["side"], "error": read_error})
+                            continue
+                        errors, flags = radiograph_problems(decoded, decoded.meta, (r["x"], r["y"]))
+                        if errors:  # garbage in: a failed row with the reason, never maps that look fine
+                            res.failures.append({"file": str(f), "side": r["side"],
+                                                 "error": "implausible input: " + "; ".join(errors)})
+                            logger.warning("%s skipped %s (%s): %s", desc, f, r["side"], "; ".join(errors))
+                            continue
+                        current = name
+                        try:
+                            contained_path(out_dir, name)
+                            x = preprocessing({"image": decoded, "centre": (r["x"], r["y"]),
+                                               "side": r["side"]})["image"]
+                            roi = knee_roi_record(x)
+                            x = torch.as_tensor(x).as_subclass(torch.Tensor).float()[None]
+                            maps, extras = predict(x)
+                            extras = dict(extras)
+                            kdir = writer(out_dir, name, maps, roi=roi,
+                                          **{"source": str(f), **extras.pop("writer_args", {})})
+                        except Exception as e:  # one bad file (or a failed write) must not stop the others
+                            _remove_knee_folder(out_dir, name)
+                            current = None
+                            res.failures.append({"file": str(f), "side": r["side"], "error": describe_exception(e)})
+                            logger.warning("%s failed for %s (%s): %s", desc, f, r["side"], describe_exception(e))
+                            logger.debug("%s failed for %s (%s)", desc, f, r["side"], exc_info=True)
+                            continue
+                        lm_info = {k: r[k] for k in ("landmark_status", "landmark_confidence", "landmark_message")
+                                   if k in r}
+                        if flags:  # e.g. a CT / MR file: written, but flagged and not counted as ok
+                            lm_info["flagged"] = "; ".join(flags)
+                        knee = {"knee": name, "file": str(f), "side": r["side"], "centre_xy": [r["x"], r["y"]],
+                                **lm_info, "folder": str(kdir),
+                                "mean_thickness_mm": {kk: _finite_or_none(maps[kk]) for kk in MAP_KEYS},
+                                "roi": roi, **extras}
+                        knee = json.loads(json.dumps(knee, default=_jsonable))  # as the journal and summary keep it
+                        done = list(getattr(writer, "written", {}).get(name, ())) or sorted(
+                            p for p in Path(kdir).iterdir() if p.is_file() and not p.name.startswith("."))
+                        note = getattr(writer, "notes", {}).get(name, "")
+                        state.record(name, stamp, done, {"knee": knee, "note": note})
+                        res.add(name, knee, done, note)
                         current = None
-                        failures.append({"file": str(f), "side": r["side"], "error": describe_exception(e)})
-                        logger.warning("%s failed for %s (%s): %s", desc, f, r["side"], describe_exception(e))
-                        logger.debug("%s failed for %s (%s)", desc, f, r["side"], exc_info=True)
-                        continue
-                    lm_info = {k: r[k] for k in ("landmark_status", "landmark_confidence", "landmark_message")
-                               if k in r}
-                    if flags:  # e.g. a CT / MR file: written, but flagged and not counted as ok
-                        lm_info["flagged"] = "; ".join(flags)
-                    knee = {"knee": name, "file": str(f), "side": r["side"], "centre_xy": [r["x"], r["y"]],
-                            **lm_info, "folder": str(kdir),
-                            "mean_thickness_mm": {kk: _finite_or_none(maps[kk]) for kk in MAP_KEYS},
-                            "roi": roi, **extras}
-                    knee = json.loads(json.dumps(knee, default=_jsonable))  # as the journal and summary keep it
-                    done = list(getattr(writer, "written", {}).get(name, ())) or sorted(
-                        p for p in Path(kdir).iterdir() if p.is_file() and not p.name.startswith("."))
-                    note = getattr(writer, "notes", {}).get(name, "")
-                    state.record(name, stamp, done, {"knee": knee, "note": note})
-                    knees.append(knee)
-                    written[name], notes[name] = done, note
-                    current = None
-        except KeyboardInterrupt:
-            if current is not None:
-                _remove_knee_folder(out_dir, current)  # the knee being written when the run stopped
-            _finish(state, out_dir, run, summary, knees, failures, written, notes, interrupted=True)
-            logger.warning("%s interrupted: %s lists the %d complete knee(s); run the same command again to resume",
-                           desc, out_dir / OUTPUTS_MANIFEST, len(knees))
-            raise
-        return _finish(state, out_dir, run, summary, knees, failures, written, notes)
+                    bar.update(res.status())
+            except KeyboardInterrupt:
+                if current is not None:
+                    _remove_knee_folder(out_dir, current)  # the knee being written when the run stopped
+                if not state.group.sharded:  # (a rank of a sharded run leaves its journal: the re-run resumes)
+                    _finish(state, out_dir, run, summary, per_file, interrupted=True)
+                logger.warning("%s interrupted: %s lists the complete knees; run the same command again to resume",
+                               desc, out_dir / OUTPUTS_MANIFEST)
+                raise
+        merged = state.merge(per_file)  # every rank's files on rank 0, in file order
+        if merged is None:  # another rank of a sharded run: rank 0 writes the summary and the manifest
+            return _FileResult.join(per_file).summary(summary, run)
+        return _finish(state, out_dir, run, summary, merged)
 
 
-def _finish(state: RunState, out_dir: Path, run: KneeRun, summary: Mapping[str, Any], knees: list[dict],
-            failures: list[dict], written: dict[str, list], notes: dict[str, str], interrupted: bool = False
-            ) -> dict[str, Any]:
-    """Write ``summary.json`` and ``outputs.csv`` (the complete knees of this run, then those of an earlier run
-    in the folder that this one did not reach: their files are there); returns the summary."""
-    n_flagged = sum(1 for k in knees if k.get("flagged") or k.get("landmark_status") == "low_confidence")
-    result = {**summary, "landmarks_source": run.source, "n_files": len(run.files),
-              "n_knees_ok": len(knees) - n_flagged, "n_knees_flagged": n_flagged, "n_failed": len(failures),
-              "knees": knees, "failures": failures}
-    if interrupted:
-        result["interrupted"] = True
-    listed = list(knees)
-    written, notes = dict(written), dict(notes)
+@dataclass
+class _FileResult:
+    """What :func:`run_knees` made of one radiograph: its knees (summary records), failures, each knee's files and
+    manifest note, and whether every knee was kept from an earlier run."""
+
+    knees: list[dict] = field(default_factory=list)
+    failures: list[dict] = field(default_factory=list)
+    written: dict[str, list] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+    kept: int = 0
+
+    def add(self, name: str, knee: dict, files: list, note: str, kept: bool = False) -> None:
+        self.knees.append(knee)
+        self.written[name], self.notes[name] = list(files), note
+        self.kept += int(kept)
+
+    def status(self) -> str:
+        """For the progress bar: ``failed`` (any knee failed), ``kept`` (all from an earlier run) or ``done``."""
+        if self.failures:
+            return "failed"
+        return "kept" if self.knees and self.kept == len(self.knees) else "done"
+
+    @classmethod
+    def join(cls, per_file: Mapping[int, _FileResult]) -> _FileResult:
+        """The results of several files, in file order."""
+        out = cls()
+        for _, r in sorted(per_file.items()):
+            out.knees += r.knees
+            out.failures += r.failures
+            out.written.update(r.written)
+            out.notes.update(r.notes)
+            out.kept += r.kept
+        return out
+
+    def summary(self, summary: Mapping[str, Any], run: KneeRun, interrupted: bool = False) -> dict[str, Any]:
+        """``summary`` + landmark source, counts, knees and failures (the contents of ``summary.json``)."""
+        n_flagged = sum(1 for k in self.knees if k.get("flagged") or k.get("landmark_status") == "low_confidence")
+        result = {**summary, "landmarks_source": run.source, "n_files": len(run.files),
+                  "n_knees_ok": len(self.knees) - n_flagged, "n_knees_flagged": n_flagged,
+                  "n_failed": len(self.failures), "knees": self.knees, "failures": self.failures}
+        if interrupted:
+            result["interrupted"] = True
+        return result
+
+
+def _finish(state: RunState, out_dir: Path, run: KneeRun, summary: Mapping[str, Any],
+            per_file: Mapping[int, _FileResult], interrupted: bool = False) -> dict[str, Any]:
+    """Write ``summary.json`` and ``outputs.csv`` (the complete knees of this run in file order, then those of an
+    earlier run in the folder that this one did not reach: their files are there); returns the summary."""
+    res = _FileResult.join(per_file)
+    result = res.summary(summary, run, interrupted)
+    listed = list(res.knees)
+    written, notes, failures = dict(res.written), dict(res.notes), res.failures
     for e in state.unreached():
         if "knee" in e.get("record", {}):
             listed.append(e["record"]["knee"])

@@ -496,51 +496,63 @@ def run_folder(input: PathLike, output_dir: PathLike, global_ckpt: Checkpoints, 
     files = _files(inp)
     names = [item_name(f, root) for f in files]
     bad = name_problems(names, files, "input file name")
-    rows: list[dict[str, Any]] = []
-    manifest: list[dict[str, Any]] = []
+    per_file: dict[int, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}  # file index -> rows, manifest
     with RunState(out, _settings(loc, overlays, dicom), "KNEEL inference", overwrite) as state:
         current: list[Path] | None = None
-        try:
-            for i, f in enumerate(tqdm(files, desc="KNEEL landmarks", unit="image", disable=not progress)):
-                name, stamp = names[i], file_stamp(f)
-                if i in bad:
-                    r = [_error_row(f, bad[i])]
-                    rows += r
-                    manifest += _manifest_rows(f, root, r, [], [], out)
-                    continue
-                prev = state.previous(name, stamp)
-                if prev is not None:  # resumed: the earlier run's rows and overlays stand
-                    rows += prev["record"]["rows"]
-                    manifest += prev["record"]["manifest"]
-                    continue
-                state.forget(name)
-                r, img, _ = loc.locate(f)  # the overlay shows the pixels the landmarks were found on (decoded once)
-                done, notes = [], []
-                current = [out / "overlays" / f"{name}.png", out / "overlays" / f"{name}.dcm"]
-                if overlays and img is not None and r and r[0]["status"] != "error":
-                    try:
-                        done.append(save_overlay(contained_path(out, "overlays", f"{name}.png"), img, r))
-                        if dicom:
-                            done.append(write_secondary_capture(contained_path(out, "overlays", f"{name}.dcm"),
-                                                                done[0], f, name, "KNEEL landmarks overlay",
-                                                                model="kneel"))
-                    except Exception as e:  # noqa: BLE001 - an overlay must not stop the folder
-                        logger.warning("overlay failed for %s: %s", f, e)
-                        notes.append(f"overlay not written: {type(e).__name__}: {e}")
-                m = _manifest_rows(f, root, r, done, notes, out)
-                rows += r
-                manifest += m
-                if r and all(k["status"] != "error" for k in r):
-                    state.record(name, stamp, done, {"rows": r, "manifest": m})
-                current = None
-        except KeyboardInterrupt:
-            if current is not None:
-                state.remove(current)  # the overlay being written when the run stopped
-            _write_outputs(out, rows, manifest, state, global_ckpt, local_ckpt, interrupted=True)
-            logger.warning("KNEEL inference interrupted: %s lists the complete files; run the same command again "
-                           "to resume", out / OUTPUTS_MANIFEST)
-            raise
-        return _write_outputs(out, rows, manifest, state, global_ckpt, local_ckpt)
+        with state.progress(len(state.group.indices(len(files))), "KNEEL landmarks", unit="image",
+                            enabled=progress) as bar:
+            try:
+                for i, f in state.mine(files):
+                    name, stamp = names[i], file_stamp(f)
+                    if i in bad:
+                        r = [_error_row(f, bad[i])]
+                        per_file[i] = (r, _manifest_rows(f, root, r, [], [], out))
+                        bar.update("failed")
+                        continue
+                    prev = state.previous(name, stamp)
+                    if prev is not None:  # resumed: the earlier run's rows and overlays stand
+                        per_file[i] = (prev["record"]["rows"], prev["record"]["manifest"])
+                        bar.update("kept")
+                        continue
+                    state.forget(name)
+                    r, img, _ = loc.locate(f)  # the overlay shows the pixels the landmarks were found on (decoded once)
+                    done, notes = [], []
+                    current = [out / "overlays" / f"{name}.png", out / "overlays" / f"{name}.dcm"]
+                    if overlays and img is not None and r and r[0]["status"] != "error":
+                        try:
+                            done.append(save_overlay(contained_path(out, "overlays", f"{name}.png"), img, r))
+                            if dicom:
+                                done.append(write_secondary_capture(contained_path(out, "overlays", f"{name}.dcm"),
+                                                                    done[0], f, name, "KNEEL landmarks overlay",
+                                                                    model="kneel"))
+                        except Exception as e:  # noqa: BLE001 - an overlay must not stop the folder
+                            logger.warning("overlay failed for %s: %s", f, e)
+                            notes.append(f"overlay not written: {type(e).__name__}: {e}")
+                    m = _manifest_rows(f, root, r, done, notes, out)
+                    per_file[i] = (r, m)
+                    complete = bool(r) and all(k["status"] != "error" for k in r)
+                    if complete:
+                        state.record(name, stamp, done, {"rows": r, "manifest": m})
+                    current = None
+                    bar.update("done" if complete else "failed")
+            except KeyboardInterrupt:
+                if current is not None:
+                    state.remove(current)  # the overlay being written when the run stopped
+                if not state.group.sharded:  # (a rank of a sharded run leaves its journal: the re-run resumes from it)
+                    _write_outputs(out, *_joined(per_file), state, global_ckpt, local_ckpt, interrupted=True)
+                logger.warning("KNEEL inference interrupted: %s lists the complete files; run the same command again "
+                               "to resume", out / OUTPUTS_MANIFEST)
+                raise
+        merged = state.merge(per_file)  # every rank's files on rank 0, in file order
+        if merged is None:  # another rank of a sharded run: rank 0 writes the summaries
+            return pd.DataFrame(_joined(per_file)[0], columns=OUTPUT_COLUMNS)
+        return _write_outputs(out, *_joined(merged), state, global_ckpt, local_ckpt)
+
+
+def _joined(per_file: dict[int, tuple[list, list]]) -> tuple[list, list]:
+    """The rows and manifest rows of ``per_file`` (file index -> both), in file order."""
+    order = sorted(per_file)
+    return [r for i in order for r in per_file[i][0]], [m for i in order for m in per_file[i][1]]
 
 
 def _settings(loc: KneeLocaliser, overlays: bool, dicom: bool) -> dict[str, Any]:

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from pipeline.io.checkpoints import load_weights
 from pipeline.io.paths import find_collisions
@@ -146,7 +145,6 @@ class SafeInferenceRunner:
             load_weights(self.network, self.checkpoint, train=TRAIN_COMMAND)
         self.network.to(self.device).eval()
         self.successes, self.failures = [], []
-        rows: list[dict] = []
         expected = [self._expected_output(it) for it in self.datalist]
         clash: dict[int, str] = {}
         known = [i for i, e in enumerate(expected) if e is not None]
@@ -156,55 +154,72 @@ class SafeInferenceRunner:
             for j in group:
                 clash[j] = (f"output {path} is shared by {len(group)} inputs ({srcs}); their predictions would "
                             "overwrite each other, so none is written: rename the inputs")
+        per_item: dict[int, tuple[dict | None, dict | None, dict]] = {}  # index -> (prediction, failure, row)
         with RunState(self.output_dir, self.settings(), "dess_seg inference", self.overwrite) as state:
             current = None
-            try:
-                for i, item in enumerate(tqdm(self.datalist, desc="dess_seg inference", disable=not self.progress)):
-                    key = f"{item.get('image', '')}|{item.get('side', '')}"
-                    if i in clash:
-                        self.failures.append({"image": item.get("image", ""), "stage": "save", "error": clash[i]})
-                        rows.append(self._failed_row(self.failures[-1]))
-                        continue
-                    stamp = file_stamp(item.get("image"), item.get("side", ""))
-                    prev = state.previous(key, stamp)
-                    if prev is not None:  # resumed: the earlier run's prediction stands
-                        self.successes.append(prev["record"]["prediction"])
-                        rows.append(prev["record"]["row"])
-                        continue
-                    state.forget(key)
-                    current = expected[i]
-                    try:
-                        p = self._one(item)
-                    except _ItemError as e:
-                        if expected[i] is not None:
-                            state.remove([expected[i]])  # a save that failed half way leaves nothing
+            with state.progress(len(state.group.indices(len(self.datalist))), "dess_seg inference", unit="volume",
+                                enabled=self.progress) as bar:
+                try:
+                    for i, item in state.mine(self.datalist):
+                        key = f"{item.get('image', '')}|{item.get('side', '')}"
+                        if i in clash:
+                            fail = {"image": item.get("image", ""), "stage": "save", "error": clash[i]}
+                            per_item[i] = (None, fail, self._failed_row(fail))
+                            bar.update("failed")
+                            continue
+                        stamp = file_stamp(item.get("image"), item.get("side", ""))
+                        prev = state.previous(key, stamp)
+                        if prev is not None:  # resumed: the earlier run's prediction stands
+                            per_item[i] = (prev["record"]["prediction"], None, prev["record"]["row"])
+                            bar.update("kept")
+                            continue
+                        state.forget(key)
+                        current = expected[i]
+                        try:
+                            p = self._one(item)
+                        except _ItemError as e:
+                            if expected[i] is not None:
+                                state.remove([expected[i]])  # a save that failed half way leaves nothing
+                            current = None
+                            fail = {"image": item.get("image", ""), "stage": e.stage, "error": e.message}
+                            per_item[i] = (None, fail, self._failed_row(fail))
+                            logger.warning("skipped %s (%s): %s", item.get("image"), e.stage, e.message)
+                            bar.update("failed")
+                            continue
+                        files, note = [p["output"]], ""
+                        if self.dicom and p["output"]:
+                            current = [p["output"], self._seg_path(p)]
+                            seg, note = self._write_seg(p)
+                            files.append(seg)
+                        row = manifest_row(p["image"], OK, note, files, self.output_dir,
+                                           {"side": p["side"], "knee_flipped": p["knee_flipped"]})
+                        state.record(key, stamp, files, {"prediction": p, "row": row})
+                        per_item[i] = (p, None, row)
                         current = None
-                        self.failures.append({"image": item.get("image", ""), "stage": e.stage, "error": e.message})
-                        rows.append(self._failed_row(self.failures[-1]))
-                        logger.warning("skipped %s (%s): %s", item.get("image"), e.stage, e.message)
-                        continue
-                    files, note = [p["output"]], ""
-                    if self.dicom and p["output"]:
-                        current = [p["output"], self._seg_path(p)]
-                        seg, note = self._write_seg(p)
-                        files.append(seg)
-                    row = manifest_row(p["image"], OK, note, files, self.output_dir,
-                                       {"side": p["side"], "knee_flipped": p["knee_flipped"]})
-                    state.record(key, stamp, files, {"prediction": p, "row": row})
-                    self.successes.append(p)
-                    rows.append(row)
-                    current = None
-            except KeyboardInterrupt:
-                if current is not None:
-                    state.remove(current if isinstance(current, list) else [current])
+                        bar.update("done")
+                except KeyboardInterrupt:
+                    if current is not None:
+                        state.remove(current if isinstance(current, list) else [current])
+                    rows = self._collect(per_item)
+                    if not state.group.sharded:  # (a rank of a sharded run leaves its journal: the re-run resumes)
+                        self._write_outputs(rows, state)
+                    logger.warning("dess_seg inference interrupted: %s lists the %d complete item(s); run the same "
+                                   "command again to resume", self.output_dir / OUTPUTS_MANIFEST, len(self.successes))
+                    raise
+            merged = state.merge(per_item)  # every rank's items on rank 0, in item order
+            rows = self._collect(per_item if merged is None else merged)
+            if merged is not None:  # rank 0 (or the single process) writes the CSVs
                 self._write_outputs(rows, state)
-                logger.warning("dess_seg inference interrupted: %s lists the %d complete item(s); run the same "
-                               "command again to resume", self.output_dir / OUTPUTS_MANIFEST, len(self.successes))
-                raise
-            self._write_outputs(rows, state)
-        logger.info("dess_seg inference: %d written, %d failed (see %s)", len(self.successes),
+        logger.info("dess_seg inference%s: %d written, %d failed (see %s)", state.group.label, len(self.successes),
                     len(self.failures), self.output_dir / "failures.csv")
         return {"predictions": self.successes, "failures": self.failures}
+
+    def _collect(self, per_item: dict[int, tuple[dict | None, dict | None, dict]]) -> list[dict]:
+        """Set :attr:`successes` / :attr:`failures` from ``per_item`` (item order); returns the manifest rows."""
+        order = sorted(per_item)
+        self.successes = [per_item[i][0] for i in order if per_item[i][0] is not None]
+        self.failures = [per_item[i][1] for i in order if per_item[i][1] is not None]
+        return [per_item[i][2] for i in order]
 
     def _failed_row(self, f: dict) -> dict:
         return manifest_row(f["image"], FAILED, f"{f['stage']}: {f['error']}", (), self.output_dir,
