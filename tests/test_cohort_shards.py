@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,42 @@ def test_cli_shard_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(args) == 0  # the torchrun environment picks shard 1/2, the last one: manifest written
     assert (tmp_path / "manifest.csv").exists()
+
+
+def test_an_interrupted_shard_resumes_without_redoing_finished_subjects(single, tmp_path, monkeypatch):
+    """Ctrl-C during shard 0/2's second subject: its first subject stays complete; the other shard runs; the re-run
+    of shard 0/2 generates only the interrupted subject, and the cohort equals an uninterrupted run byte for byte."""
+    import pipeline.cohort.generate as gen
+
+    cfg = CohortConfig(**CFG)
+    real = gen.generate_subject
+    made: list[int] = []
+
+    def stop_at_second(cfg_, index, root):
+        if made:
+            raise KeyboardInterrupt
+        made.append(index)
+        return real(cfg_, index, root)
+
+    monkeypatch.setattr(gen, "generate_subject", stop_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        generate_cohort(tmp_path, cfg, progress=False, shard=(0, 2))
+    assert made == [0]
+    first = {p: p.stat().st_mtime_ns for p in (tmp_path / "subjects").rglob("*") if p.is_file()}
+    assert first and all("9030000" in str(p) for p in first)  # subject 0 complete, nothing of subject 2 left
+    stopped = json.loads((tmp_path / "run_progress.rank0.json").read_text())
+    assert stopped["state"] == "stopped" and stopped["done"] == 1 and stopped["total"] == 2
+
+    redone: list[int] = []
+
+    def counting(cfg_, index, root):
+        if gen._complete_rows(cfg_, index, root, cfg_.digest()) is None:
+            redone.append(index)
+        return real(cfg_, index, root)
+
+    monkeypatch.setattr(gen, "generate_subject", counting)
+    generate_cohort(tmp_path, cfg, progress=False, shard=(1, 2))
+    generate_cohort(tmp_path, cfg, progress=False, shard=(0, 2))  # the re-run of the interrupted shard
+    assert redone == [1, 3, 2]  # shard 1's two subjects, then only the interrupted subject of shard 0
+    assert all(p.stat().st_mtime_ns == t for p, t in first.items())  # subject 0 was not rewritten
+    assert _files(tmp_path) == _files(single)  # and no progress file or temporary is left

@@ -40,11 +40,11 @@ from typing import Optional
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from pipeline import __version__
 from pipeline.conventions import SIDE_NAMES, SIDES, VISITS, visit_folder
 from pipeline.io.atomic import PARTIAL, atomic_dir, remove_partials, write_text_atomic
+from pipeline.io.progress import RunProgress
 
 from .anatomy import knee_at_visit
 from .disease import progression_labels
@@ -391,18 +391,20 @@ def generate_cohort(out: str | os.PathLike, cfg: CohortConfig, progress: bool = 
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     jobs = [(cfg, i, str(root)) for i in indices]
     rows: list[dict] = []
-    desc = "cohort subjects" if shard is None else f"cohort subjects (shard {shard[0]}/{shard[1]})"
-    bar = tqdm(total=len(jobs), desc=desc, unit="subj", disable=not progress)
-    if cfg.workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=cfg.workers) as ex:
-            for r in ex.map(_work, jobs):
-                rows += r
-                bar.update(1)
-    else:
-        for j in jobs:
-            rows += _work(j)
-            bar.update(1)
-    bar.close()
+    rank, world = (0, 1) if shard is None else shard
+    digest = cfg.digest()
+    kept = [_complete_rows(cfg, i, root, digest) is not None for i in indices]  # resumed: written before
+    with RunProgress(root, len(jobs), "cohort subjects", unit="subj", rank=rank, world_size=world,
+                     enabled=progress) as bar:
+        if cfg.workers > 1 and len(jobs) > 1:
+            with ProcessPoolExecutor(max_workers=cfg.workers) as ex:
+                for r, was_kept in zip(ex.map(_work, jobs), kept):
+                    rows += r
+                    bar.update("kept" if was_kept else "done")
+        else:
+            for j, was_kept in zip(jobs, kept):
+                rows += _work(j)
+                bar.update("kept" if was_kept else "done")
     if shard is None:
         return _write_cohort_files(root, cfg, rows)
     merged = merge_cohort(root, cfg, require_complete=False)

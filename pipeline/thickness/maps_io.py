@@ -53,7 +53,6 @@ from typing import Any, Iterable
 import nibabel as nib
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from pipeline.conventions import side_from_name
 from pipeline.io.atomic import remove_partials, write_text_atomic
@@ -65,8 +64,10 @@ from pipeline.io.paths import (
     output_lock,
     safe_name,
 )
+from pipeline.io.progress import RunProgress
 from pipeline.io.results import FAILED, LOW_CONFIDENCE, OK, MapResultWriter, manifest_row, write_manifest
 from pipeline.io.run_state import sigterm_as_interrupt
+from pipeline.io.sharding import RankGroup
 from pipeline.user_errors import UserInputError
 
 from .atlas import labels_to_maps
@@ -244,42 +245,6 @@ def _part_manifests(out_dir: Path) -> list[Path]:
     return sorted(out_dir.glob("maps_manifest.rank*.csv"))
 
 
-class _Group:
-    """The ranks of a sharded batch: ``torch.distributed`` collectives (any backend; ``gloo`` on CPU), or nothing
-    for a single process."""
-
-    def __init__(self, rank: int, world_size: int):
-        self.rank, self.world_size = int(rank), int(world_size)
-        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank must be in 0..world_size-1 (got rank {rank}, world_size {world_size})")
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            if not (dist.is_available() and dist.is_initialized()):
-                raise ValueError("a sharded thickness batch (world_size > 1) needs torch.distributed initialised "
-                                 "(run it with torchrun and configs/multi_gpu_inference.json)")
-            if dist.get_world_size() != self.world_size or dist.get_rank() != self.rank:
-                raise ValueError(f"rank {rank} / world_size {world_size} differ from torch.distributed's "
-                                 f"{dist.get_rank()} / {dist.get_world_size()}")
-            self._dist = dist
-
-    def broadcast(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank."""
-        if self.world_size == 1:
-            return obj
-        box = [obj]
-        self._dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def gather(self, obj: Any) -> list | None:
-        """Every rank's ``obj`` (rank order) on rank 0; ``None`` on the others."""
-        if self.world_size == 1:
-            return [obj]
-        out = [None] * self.world_size if self.rank == 0 else None
-        self._dist.gather_object(obj, out, dst=0)
-        return out
-
-
 def batch_maps(items: Iterable[dict], out_dir: str | Path, size=(310, 310), method: str = "volume",
                png: bool = True, progress: bool = True, dicom: bool = False, overwrite: bool = False,
                rank: int = 0, world_size: int = 1) -> pd.DataFrame:
@@ -301,7 +266,7 @@ def batch_maps(items: Iterable[dict], out_dir: str | Path, size=(310, 310), meth
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     items = list(items)
-    group = _Group(rank, world_size)
+    group = RankGroup(rank, world_size, what="thickness batch")
     sharded = group.world_size > 1
     settings = {"size": [int(x) for x in size], "method": str(method), "png": bool(png), "dicom": bool(dicom)}
     with contextlib.ExitStack() as stack:
@@ -325,7 +290,7 @@ def batch_maps(items: Iterable[dict], out_dir: str | Path, size=(310, 310), meth
         return _batch_body(items, out_dir, keep, group, size, method, png, dicom, progress)
 
 
-def _batch_body(items: list[dict], out_dir: Path, keep: dict, group: _Group, size, method, png, dicom,
+def _batch_body(items: list[dict], out_dir: Path, keep: dict, group: RankGroup, size, method, png, dicom,
                 progress) -> pd.DataFrame:
     sharded = group.world_size > 1
     names, problems = [], {}
@@ -358,35 +323,35 @@ def _batch_body(items: list[dict], out_dir: Path, keep: dict, group: _Group, siz
         return out + ([r for n, r in keep.items() if n not in current and _complete(out_dir, r)] if extras else [])
 
     i = -1
-    desc = "thickness maps" + (f" (rank {group.rank}/{group.world_size})" if sharded else "")
-    try:
-        for i in tqdm(mine, desc=desc, unit="knee", disable=not progress):
-            rows[i] = _one_item(items[i], names[i], problems.get(i), keep, out_dir, size, method, png, dicom)
-            if time.monotonic() - last > CHECKPOINT_S:
-                write_manifest(own_manifest, _rows(rows, mine, not sharded))
-                last = time.monotonic()
-    except KeyboardInterrupt:
-        prev = keep.get(names[i]) if 0 <= i < len(items) else None
-        if 0 <= i < len(items) and i not in rows and i not in problems and not (
-                prev and prev.get("labels", "") == str(items[i].get("labels", "")) and _complete(out_dir, prev)):
-            _remove_outputs(out_dir, output_names(names[i], png, dicom))  # the knee being written
-            keep.pop(names[i], None)
-        write_manifest(own_manifest, _rows(rows, mine, not sharded))
-        logger.warning("interrupted: %s lists the %d complete item(s); run the same command again to resume",
-                       own_manifest, len(rows))
-        raise
+    with RunProgress(out_dir, len(mine), "thickness maps", unit="knee", rank=group.rank,
+                     world_size=group.world_size, enabled=progress) as bar:
+        try:
+            for i in mine:
+                rows[i] = _one_item(items[i], names[i], problems.get(i), keep, out_dir, size, method, png, dicom)
+                bar.update("kept" if rows[i] is keep.get(names[i]) else "failed" if rows[i]["status"] == FAILED
+                           else "done")
+                if time.monotonic() - last > CHECKPOINT_S:
+                    write_manifest(own_manifest, _rows(rows, mine, not sharded))
+                    last = time.monotonic()
+        except KeyboardInterrupt:
+            prev = keep.get(names[i]) if 0 <= i < len(items) else None
+            if 0 <= i < len(items) and i not in rows and i not in problems and not (
+                    prev and prev.get("labels", "") == str(items[i].get("labels", "")) and _complete(out_dir, prev)):
+                _remove_outputs(out_dir, output_names(names[i], png, dicom))  # the knee being written
+                keep.pop(names[i], None)
+            write_manifest(own_manifest, _rows(rows, mine, not sharded))
+            logger.warning("interrupted: %s lists the %d complete item(s); run the same command again to resume",
+                           own_manifest, len(rows))
+            raise
     if not sharded:
         df = write_manifest(out_dir / MAPS_MANIFEST, _rows(rows, range(len(items)), True))
         for p in _part_manifests(out_dir):  # an earlier interrupted sharded run's parts are merged now
             p.unlink(missing_ok=True)
         return df
     write_manifest(own_manifest, _rows(rows, mine, False))  # kept should the merge not happen
-    parts = group.gather(rows)
-    if group.rank != 0:
+    merged = group.merge(rows)
+    if merged is None:
         return pd.read_csv(own_manifest, dtype=str, keep_default_na=False)
-    merged: dict[int, dict] = {}
-    for part in parts:
-        merged.update(part)
     df = write_manifest(out_dir / MAPS_MANIFEST, _rows(merged, range(len(items)), True))
     for p in _part_manifests(out_dir):
         p.unlink(missing_ok=True)
