@@ -146,3 +146,22 @@ def test_library_knees_from_kneel_model(tiny_cohort, tmp_path):
     assert "broken.dcm" in summary["failures"][0]["file"] and "landmark model" in summary["failures"][0]["error"]
     assert {k["side"] for k in summary["knees"]} == {"R", "L"}
     assert all("landmark_confidence" in k for k in summary["knees"])
+
+
+def test_two_ranks_evaluate_under_torchrun_write_what_one_process_writes(tiny_cohort, tmp_path):
+    """multi_gpu_evaluate.json (issue 16): 2 CPU processes (gloo) share the batches of test radiographs (batch
+    b -> rank b % 2), rank 0 computes the metrics: synthesis_errors.csv, metrics.json, report.md and examples.png
+    byte for byte as one process, but for the timing."""
+    from dist_helpers import assert_same_files_masked, run_one_and_two
+
+    manifest, _ = _cohort(tiny_cohort)
+    ckpt = _checkpoint(tmp_path, "unet")
+    one, two = tmp_path / "one", tmp_path / "two"
+    _, r2 = run_one_and_two("evaluating", [CONFIGS / "evaluate.json"], CONFIGS / "multi_gpu_evaluate.json", one, two,
+                            checkpoint=str(ckpt), manifest=str(manifest), method="unet", image_size=SIZE,
+                            split_fractions={"database": 0.67, "downstream": 0.0, "test": 0.33}, batch_size=2,
+                            **TINY_NET)
+    assert "rank 0/2" in r2.stderr and "rank 1/2" in r2.stderr  # both ranks synthesized batches
+    files = assert_same_files_masked(one, two, [r'"seconds": [0-9.]+'])
+    assert sorted(files) == ["examples.png", "metrics.json", "report.md", "synthesis_errors.csv"]
+    assert json.loads(files["metrics.json"])["n_test_visits"] == 6

@@ -118,3 +118,45 @@ def test_inference_folder_with_bad_inputs_never_crashes(kneel_models, tmp_path):
                            progress=False)
     assert len(forced) == 2 and forced["low_confidence"].all() and forced["message"].str.contains("bilateral").all()
     assert (forced["landmarks"] == "").all() and np.isfinite(forced[["x", "y"]].to_numpy()).all()
+
+
+def test_two_ranks_under_torchrun_write_what_one_process_writes(kneel_models, tmp_path):
+    """multi_gpu_inference.json (issue 16): 2 CPU processes (gloo) share the files (file k -> rank k % 2) and rank 0
+    merges: every output file, the landmarks table, summary, manifest and journal byte for byte as one process."""
+    from dist_helpers import assert_same_files, run_one_and_two
+
+    out, manifest = kneel_models
+    m = pd.read_csv(manifest, dtype={"subject_id": str})
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k, rel in enumerate(sorted(set(m["xray_dicom"]))[:4]):
+        shutil.copy(manifest.parent / rel, folder / f"knee{k}.dcm")
+    (folder / "broken.dcm").write_bytes(b"DICM" + b"\x00" * 200)  # a failed row, on rank 0 (index 0)
+    one, two = tmp_path / "one", tmp_path / "two"
+    _, r2 = run_one_and_two("inference", [CONFIGS / "inference.json"], CONFIGS / "multi_gpu_inference.json", one, two,
+                            bundle_root=str(out), input=str(folder), tta=False)
+    assert "rank 0/2" in r2.stderr and "rank 1/2" in r2.stderr  # both ranks worked (per-rank progress bars)
+    files = assert_same_files(one, two)
+    assert "run_items.jsonl" in files and not [f for f in files if "rank" in f]  # parts joined, progress files gone
+    df = pd.read_csv(two / "outputs.csv", dtype=str, keep_default_na=False)
+    assert df["item"].is_unique and len(df) == 1 + 2 * 4  # every knee of every file once, and the broken file
+    assert (df["status"] == "failed").sum() == 1
+
+
+def test_two_ranks_evaluate_under_torchrun_write_what_one_process_writes(kneel_models, tmp_path):
+    """multi_gpu_evaluate.json (issue 16): 2 CPU processes (gloo) localise the test radiographs (radiograph k ->
+    rank k % 2), rank 0 computes the metrics: metrics.json, errors.csv, report.md and the example overlays byte
+    for byte as one process, but for the timings."""
+    from dist_helpers import assert_same_files_masked, run_one_and_two
+
+    out, manifest = kneel_models
+    one, two = tmp_path / "one", tmp_path / "two"
+    _, r2 = run_one_and_two("evaluating", [CONFIGS / "evaluate.json"], CONFIGS / "multi_gpu_evaluate.json", one, two,
+                            bundle_root=str(out), manifest=str(manifest), split_fractions=TINY["split_fractions"],
+                            n_examples=1)
+    assert "rank 0/2" in r2.stderr and "rank 1/2" in r2.stderr  # both ranks localised radiographs
+    assert r2.stdout.count("# KNEEL landmarks") == 1  # rank 0 alone reports
+    files = assert_same_files_masked(one, two, [r'"seconds_[a-z_]+": [-0-9.e]+', r"Inference: [0-9.]+ s"])
+    assert {"metrics.json", "errors.csv", "report.md"} <= set(files) and len(files) == 4
+    m = json.loads(files["metrics.json"])
+    assert m["n_predicted"] == 6 and m["n_images"] >= 2  # rank 1 localised radiograph 1

@@ -228,3 +228,53 @@ def test_separate_variant_train_step_and_recall_metric():
     metric = RetrievalRecall(k=None)
     metric.update((res["xray_emb"], res["map_emb"]))
     assert 0.0 <= metric.compute() <= 300.0
+
+
+def test_two_ranks_under_torchrun_write_what_one_process_writes(trained, tmp_path):
+    """multi_gpu_inference.json (issue 16): 2 CPU processes (gloo) share the radiographs (file k -> rank k % 2),
+    rank 0 merges: maps, PNGs, neighbours, summary, manifest and journal byte for byte as one process."""
+    import shutil
+
+    from dist_helpers import assert_same_files, run_one_and_two
+
+    out, manifest, _ = trained
+    if not (out / "database").is_dir():
+        pytest.skip("needs the database from test_evaluate_tables_recall_and_mean_map_baseline")
+    m = pd.read_csv(manifest, dtype={"subject_id": str})
+    folder = tmp_path / "xrays"
+    folder.mkdir()
+    rows = []
+    for k, (_, r) in enumerate(m.drop_duplicates("xray_dicom").head(3).iterrows()):
+        shutil.copy(manifest.parent / r["xray_dicom"], folder / f"x{k}.dcm")
+        rows.append({"file": f"x{k}.dcm", "side": r["side"], "x": r["joint_centre_x"], "y": r["joint_centre_y"]})
+    (folder / "broken.dcm").write_bytes(b"DICM" + b"\x00" * 300)
+    rows.append({"file": "broken.dcm", "side": "L", "x": 100.0, "y": 100.0})
+    pd.DataFrame(rows).to_csv(tmp_path / "landmarks.csv", index=False)
+    one, two = tmp_path / "one", tmp_path / "two"
+    _, r2 = run_one_and_two("inference", [CONFIGS / "inference.json"], CONFIGS / "multi_gpu_inference.json", one, two,
+                            bundle_root=str(out), input=str(folder), landmarks=str(tmp_path / "landmarks.csv"),
+                            image_size=32, widen_factor=0.125)
+    assert "rank 0/2" in r2.stderr and "rank 1/2" in r2.stderr  # both ranks worked (per-rank progress bars)
+    files = assert_same_files(one, two)
+    assert sum(k.endswith("fc.npy") for k in files) == 3 and not [f for f in files if ".rank" in f]
+    df = pd.read_csv(two / "outputs.csv", dtype=str, keep_default_na=False)
+    assert df["item"].is_unique and len(df) == 4 and (df["status"] == "failed").sum() == 1
+
+
+def test_two_ranks_evaluate_under_torchrun_write_what_one_process_writes(trained, tmp_path):
+    """multi_gpu_evaluate.json (issue 16): 2 CPU processes (gloo) share the batches of database maps and of test
+    radiographs (batch b -> rank b % 2), rank 0 writes the database, synthesizes and reports: the database
+    (embeddings, maps, rows), retrieval.json, metrics.json, both CSVs, report.md and examples.png byte for byte as
+    one process, but for the timing and the database's creation time."""
+    from dist_helpers import assert_same_files_masked, run_one_and_two
+
+    out, manifest, _ = trained
+    one, two = tmp_path / "one", tmp_path / "two"
+    _, r2 = run_one_and_two("evaluating", [CONFIGS / "evaluate.json"], CONFIGS / "multi_gpu_evaluate.json", one, two,
+                            bundle_root=str(out), manifest=str(manifest), k=20,
+                            database_dir="$@output_dir + '/database'", batch_size=2, database_batch_size=4, **SMALL)
+    assert "rank 0/2" in r2.stderr and "rank 1/2" in r2.stderr  # both ranks embedded database maps
+    files = assert_same_files_masked(one, two, [r'"seconds": [0-9.]+', r'"created_utc": "[^"]*"'])
+    assert {"retrieval.json", "metrics.json", "synthesis_errors.csv", "test_synthesis.csv", "report.md",
+            "examples.png", "database/embeddings.npy", "database/rows.csv"} <= set(files)
+    assert json.loads(files["metrics.json"])["database_size"] == 12

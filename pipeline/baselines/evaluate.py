@@ -1,6 +1,12 @@
 """Test-set evaluation of one direct-synthesis baseline (``bundles/direct_synthesis/configs/evaluate.json``):
 the MRIS synthesis error (:func:`pipeline.metrics.synthesis_error_report`) against the MR-extracted maps,
-next to the mean-map baseline of the database split, overall and per KLG bucket."""
+next to the mean-map baseline of the database split, overall and per KLG bucket.
+
+Sharded (torchrun, ``bundles/direct_synthesis/configs/multi_gpu_evaluate.json``; ``group``, a
+:class:`pipeline.io.sharding.RankGroup`): the generator runs the batches of one process, batch ``b`` on rank
+``b % world_size`` (:func:`pipeline.baselines.synthesize.predict_maps`); rank 0 gathers the maps, computes the
+metrics (and the mean-map baseline) and writes every file, the bytes of a one-process run (same threads per
+process) but for the timing (``seconds``)."""
 
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import pandas as pd
 import torch
 
 from pipeline.baselines.synthesize import atlas_masks, generator_settings, load_generator, predict_maps
+from pipeline.io.sharding import RankGroup
 from pipeline.metrics import synthesis_error_report
 from pipeline.mris.data import manifest_items, select
 from pipeline.mris.synthesize import mean_map, truth_maps
@@ -36,12 +43,16 @@ def evaluate_test(method: str | None, checkpoint: str | Path, manifest: str | Pa
                   image_size: int | None = None, net_kwargs: Mapping[str, Any] | None = None,
                   split_fractions: Mapping[str, float] | None = None, split_seed: int = 0,
                   database_split: str = "database", test_split: str = "test",
-                  device: torch.device | str = "cpu", batch_size: int = 32, figure: bool = True) -> dict[str, Any]:
+                  device: torch.device | str = "cpu", batch_size: int = 32, figure: bool = True,
+                  group: RankGroup | None = None) -> dict[str, Any] | None:
     """Synthesize every test knee-visit with the trained generator and write to ``output_dir``:
     ``synthesis_errors.csv`` (method x map x KLG group: n_maps, mean per-map median / MAD of |error| in mm),
     ``metrics.json``, ``report.md`` and (``figure``) ``examples.png``. The generator is rebuilt from the
     checkpoint (:func:`pipeline.baselines.synthesize.load_generator`): ``method``, ``image_size`` and
-    ``net_kwargs`` (``None`` = as the checkpoint records them) are needed only for older checkpoints."""
+    ``net_kwargs`` (``None`` = as the checkpoint records them) are needed only for older checkpoints.
+
+    ``group`` (``None``: one process): each rank synthesizes its batches of test radiographs; rank 0 gathers
+    them, computes the metrics, writes the files and returns the metrics, the other ranks return ``None``."""
     t0 = time.time()
     items = manifest_items(manifest, split_fractions, split_seed)
     test, db_items = select(items, test_split), select(items, database_split)
@@ -51,7 +62,9 @@ def evaluate_test(method: str | None, checkpoint: str | Path, manifest: str | Pa
     masks = atlas_masks(test)
     net = load_generator(method, checkpoint, image_size, **dict(net_kwargs or {}))
     method, image_size = generator_settings(net, method, image_size)
-    synth, images = predict_maps(net, test, image_size, masks, device, batch_size, keep_images=figure)
+    synth, images = predict_maps(net, test, image_size, masks, device, batch_size, keep_images=figure, group=group)
+    if synth is None:  # another rank of a sharded run: rank 0 has the maps, computes and writes the rest
+        return None
     truth = truth_maps(test, masks)
     base = mean_map(db_items, masks)
     klg = klg_or_none(test)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import DataLoader, Dataset
+from monai.data import Dataset
 from scipy import ndimage
 from tqdm import tqdm
 
@@ -24,6 +24,8 @@ from pipeline.baselines.engine import to_mm
 from pipeline.baselines.nets import check_method, make_generator
 from pipeline.conventions import MAP_KEYS
 from pipeline.io.checkpoints import load_network, network_settings
+from pipeline.io.sharded_batches import batch_indices, my_batches
+from pipeline.io.sharding import RankGroup
 from transforms import nan_aware_resize
 
 __all__ = ["atlas_masks", "generator_settings", "load_generator", "network_masks", "outputs_to_atlas",
@@ -106,24 +108,30 @@ def generator_settings(network: torch.nn.Module, method: str | None = None, imag
 
 def predict_maps(network: torch.nn.Module, items: Sequence[dict], image_size: int,
                  masks: Mapping[str, np.ndarray], device: torch.device | str = "cpu", batch_size: int = 32,
-                 keep_images: bool = False, progress: bool = True
-                 ) -> tuple[dict[str, np.ndarray], torch.Tensor | None]:
+                 keep_images: bool = False, progress: bool = True, group: RankGroup | None = None
+                 ) -> tuple[dict[str, np.ndarray] | None, torch.Tensor | None]:
     """Synthesize ``{fc, tc}: N x H x W`` (mm, NaN outside ``masks``) for ``items`` (MRIS item dicts) with a
-    trained generator; with ``keep_images`` also the ``N x 1 x S x S`` radiograph inputs."""
+    trained generator; with ``keep_images`` also the ``N x 1 x S x S`` radiograph inputs.
+
+    ``group`` (``None``: one process): each rank synthesizes its batches (:func:`pipeline.io.sharded_batches.my_batches`:
+    the batches of one process, batch ``b`` -> rank ``b % world_size``); rank 0 gathers and returns them all, the
+    other ranks return ``(None, None)``."""
     if not items:
         raise ValueError("predict_maps: no items")
+    group = group if group is not None else RankGroup(0, 1)
     ds = Dataset(list(items), synthesis_transforms(image_size, train=False, with_maps=False))
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
     nm = network_masks(masks, image_size)
     network = network.to(device).eval()
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in MAP_KEYS}
-    images = []
+    n_mine = len(group.indices(len(batch_indices(len(ds), batch_size))))
+    per_batch: dict[int, tuple[dict[str, np.ndarray], torch.Tensor | None]] = {}
     with torch.no_grad():
-        for batch in tqdm(loader, desc="direct synthesis", unit="batch", disable=not progress):
+        for b, batch in tqdm(my_batches(ds, batch_size, group), total=n_mine, desc=f"direct synthesis{group.label}",
+                             unit="batch", disable=not progress):
             x = torch.as_tensor(batch["image"]).to(device)
-            res = outputs_to_atlas(network(x).cpu(), masks, nm)
-            for k in MAP_KEYS:
-                parts[k].append(res[k])
-            if keep_images:
-                images.append(x.cpu())
-    return {k: np.concatenate(v) for k, v in parts.items()}, (torch.cat(images) if keep_images else None)
+            per_batch[b] = (outputs_to_atlas(network(x).cpu(), masks, nm), x.cpu() if keep_images else None)
+    merged = group.merge(per_batch)  # every rank's batches on rank 0, in batch order
+    if merged is None:
+        return None, None
+    parts = list(merged.values())
+    return ({k: np.concatenate([res[k] for res, _ in parts]) for k in MAP_KEYS},
+            torch.cat([x for _, x in parts]) if keep_images else None)

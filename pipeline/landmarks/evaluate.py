@@ -14,6 +14,11 @@ and the predictions are compared with the manifest's landmarks:
 
 Outputs (``output_dir``): ``metrics.json``, ``errors.csv`` (one row per knee), ``report.md`` and
 ``examples/*.png`` (overlays of a few test images).
+
+Sharded (torchrun, ``bundles/kneel/configs/multi_gpu_evaluate.json``; :class:`pipeline.io.sharding.RankGroup`):
+radiograph ``k`` of the sorted test radiographs is localised by rank ``k % world_size``; rank 0 gathers the rows,
+computes the metrics and writes every file, the same bytes as one process (same threads per process) but for the
+timings (``seconds_*``).
 """
 
 from __future__ import annotations
@@ -27,12 +32,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 from pipeline.conventions import JOINT_CENTRE_IDX, ROI_MM
 from pipeline.geometry import apply_matrix, crop_matrix, crop_start, roi_size_px
 from pipeline.io.dicom import read_radiograph
+from pipeline.io.sharding import RankGroup, flatten
 from pipeline.landmarks.data import manifest_items, split_items
-from pipeline.landmarks.infer import Checkpoints, KneeLocaliser, landmarks_array, save_overlay
+from pipeline.landmarks.infer import OUTPUT_COLUMNS, Checkpoints, KneeLocaliser, landmarks_array, save_overlay
 from pipeline.landmarks.metrics import LANDMARK_GROUPS, RECALL_RADII_MM, landmark_errors_mm, summarize_errors
 
 __all__ = ["mris_roi_centre", "mris_roi_offset_mm", "evaluate_landmarks", "format_report"]
@@ -58,8 +65,13 @@ def mris_roi_offset_mm(pred_xy: Any, true_xy: Any, spacing_rc: Any, shape_hw: An
 def evaluate_landmarks(manifest: str | Path, global_ckpt: Checkpoints, local_ckpt: Checkpoints | None,
                        output_dir: str | Path, split_fractions: Mapping[str, float] | None = None, split_seed: int = 0,
                        split: str = "test", device: torch.device | str = "cpu", tta: bool = True, refine: bool = False,
-                       layout: str = "auto", n_examples: int = 4, progress: bool = True) -> dict[str, Any]:
-    """Evaluate on the ``split`` subjects (module docstring); returns (and writes) the metrics dict."""
+                       layout: str = "auto", n_examples: int = 4, progress: bool = True,
+                       group: RankGroup | None = None) -> dict[str, Any] | None:
+    """Evaluate on the ``split`` subjects (module docstring); returns (and writes) the metrics dict.
+
+    ``group``: the ranks of a sharded run (``None``: one process). Each rank localises its radiographs (radiograph
+    ``k`` -> rank ``k % world_size``); rank 0 gathers the rows, computes the metrics, writes the files and returns
+    the metrics, the other ranks return ``None``."""
     t0 = time.time()
     sets = split_items(manifest_items(manifest), split_fractions, split_seed)
     if split not in sets or not sets[split]:
@@ -67,8 +79,14 @@ def evaluate_landmarks(manifest: str | Path, global_ckpt: Checkpoints, local_ckp
     items = sets[split]
     loc = KneeLocaliser(global_ckpt, local_ckpt, device=device, layout=layout, tta=tta, refine=refine)
     images = sorted({it["image"] for it in items})
+    group = group if group is not None else RankGroup(0, 1)
     t1 = time.time()
-    pred = loc.predict(images, progress=progress)
+    per_image = {i: loc.predict_image(Path(f)) for i, f in tqdm(
+        list(group.mine(images)), desc=f"KNEEL landmarks{group.label}", unit="image", disable=not progress)}
+    merged = group.merge(per_image)  # every rank's rows on rank 0, in radiograph order
+    if merged is None:  # another rank of a sharded run: rank 0 computes the metrics and writes the files
+        return None
+    pred = pd.DataFrame(flatten(merged), columns=OUTPUT_COLUMNS)
     t_pred = time.time() - t1
     by_key = {(r["file"], r["side"]): r for r in pred.to_dict(orient="records")}
     rows, true_all, pred_all, spacing_all, g_err = [], [], [], [], []

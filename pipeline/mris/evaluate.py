@@ -4,6 +4,12 @@ error vs the mean-map baseline, report tables and an example figure.
 Shapes/units: radiograph ROIs ``B x 1 x S x S`` in [0, 1]; thickness maps ``N x H x W`` in mm on the atlas
 grid (left-knee convention), NaN outside the footprint; embeddings ``N x D`` unit-norm (MRIS-S:
 ``{"fc": N x D, "tc": N x D}``).
+
+Sharded (torchrun, ``bundles/mris/configs/multi_gpu_evaluate.json``; ``group``, a
+:class:`pipeline.io.sharding.RankGroup`): the network passes run in the batches of one process, batch ``b`` on rank
+``b % world_size`` (the database maps, the test radiographs), so every embedding has the bits of a one-process run
+(same threads per process); rank 0 gathers them, writes the database, runs the k-NN synthesis and the metrics and
+writes every report, table and figure.
 """
 
 from __future__ import annotations
@@ -19,11 +25,14 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 import torch
-from monai.data import DataLoader, Dataset
+from monai.data import Dataset
 from monai.transforms import Compose
+from tqdm import tqdm
 
 from pipeline.conventions import MAP_KEYS
 from pipeline.io.checkpoints import load_weights, unwrap
+from pipeline.io.sharded_batches import batch_indices, my_batches
+from pipeline.io.sharding import RankGroup
 from pipeline.metrics import synthesis_error_report
 from pipeline.metrics.figures import pick_examples
 from pipeline.mris.data import (
@@ -33,7 +42,7 @@ from pipeline.mris.data import (
     mris_transforms,
     select,
 )
-from pipeline.mris.database import EmbeddingDatabase, build_database, checkpoint_hash
+from pipeline.mris.database import EmbeddingDatabase, EmbedFn, build_database, checkpoint_hash
 from pipeline.mris.engine import TRAIN_COMMAND, run_settings, similarity_matrix
 from pipeline.mris.metrics import recall_at_k
 
@@ -67,24 +76,31 @@ def make_map_embed_fn(network: torch.nn.Module, variant: str, image_size: int,
 
 def embed_radiographs(network: torch.nn.Module, items: Sequence[dict], variant: str, image_size: int,
                       device: torch.device | str = "cpu", batch_size: int = 32, num_workers: int = 0,
-                      keep_images: bool = False) -> tuple[Any, torch.Tensor | None]:
+                      keep_images: bool = False, group: RankGroup | None = None
+                      ) -> tuple[Any, torch.Tensor | None]:
     """Radiograph embeddings of ``items`` (deterministic chain, no augmentation): ``Q x D`` or
-    ``{key: Q x D}``; with ``keep_images`` also the ``Q x 1 x S x S`` network inputs (CPU)."""
+    ``{key: Q x D}``; with ``keep_images`` also the ``Q x 1 x S x S`` network inputs (CPU).
+
+    ``group`` (``None``: one process): each rank embeds its batches (:func:`pipeline.io.sharded_batches.my_batches`:
+    batch ``b`` -> rank ``b % world_size``); rank 0 gathers and returns them all, the other ranks return
+    ``(None, None)``."""
+    group = group if group is not None else RankGroup(0, 1)
     ds = Dataset(list(items), mris_transforms(variant, image_size, train=False, with_maps=False))
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     model = unwrap(network)
     model.eval()
-    embs: list[Any] = []
-    images: list[torch.Tensor] = []
+    per_batch: dict[int, tuple[Any, torch.Tensor | None]] = {}
     with torch.no_grad():
-        for batch in loader:
+        for b, batch in my_batches(ds, batch_size, group, num_workers):
             x = torch.as_tensor(batch["image"]).to(device)
             e = model.embed_xray(x)
-            embs.append({k: v.cpu() for k, v in e.items()} if isinstance(e, Mapping) else e.cpu())
-            if keep_images:
-                images.append(x.cpu())
+            per_batch[b] = ({k: v.cpu() for k, v in e.items()} if isinstance(e, Mapping) else e.cpu(),
+                            x.cpu() if keep_images else None)
+    merged = group.merge(per_batch)  # every rank's batches on rank 0, in batch order
+    if merged is None:
+        return None, None
+    embs = [e for e, _ in merged.values()]
     emb = {k: torch.cat([e[k] for e in embs]) for k in embs[0]} if isinstance(embs[0], Mapping) else torch.cat(embs)
-    return emb, (torch.cat(images) if keep_images else None)
+    return emb, (torch.cat([x for _, x in merged.values()]) if keep_images else None)
 
 
 def load_raw_maps(item: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -106,8 +122,13 @@ def build_mris_database(network: torch.nn.Module, checkpoint: str | Path, manife
                         database_dir: str | Path, variant: str | None = None, image_size: int | None = None,
                         split_fractions: Mapping[str, float] | None = None, split_seed: int = 0,
                         database_split: str = "database", device: torch.device | str = "cpu",
-                        batch_size: int = 64, overwrite: bool = True, progress: bool = True) -> EmbeddingDatabase:
+                        batch_size: int = 64, overwrite: bool = True, progress: bool = True,
+                        group: RankGroup | None = None) -> EmbeddingDatabase:
     """Load ``checkpoint`` into ``network`` and embed every visit of the ``database_split`` subjects.
+
+    ``group`` (``None``: one process): each rank embeds its batches of maps
+    (:func:`pipeline.io.sharded_batches.batch_indices` of ``batch_size``, batch ``b`` -> rank ``b % world_size``); rank 0 gathers the embeddings and writes the database, the other
+    ranks wait for it and open it (an error of rank 0 stops them all).
 
     The database is stamped with :func:`pipeline.mris.database.checkpoint_hash` of the checkpoint FILE and records
     the variant and image size, so a later query with another checkpoint or image size fails
@@ -122,9 +143,51 @@ def build_mris_database(network: torch.nn.Module, checkpoint: str | Path, manife
         raise ValueError(f"no items in split {database_split!r} of {manifest}")
     info = {"manifest": str(manifest), "split": database_split, "split_seed": split_seed,
             "variant": variant, "image_size": image_size, "checkpoint": str(checkpoint)}
-    return build_database(database_dir, database_rows(items), make_map_embed_fn(network, variant, image_size, device),
-                          checkpoint_hash(checkpoint), batch_size=batch_size, overwrite=overwrite,
-                          progress=progress, total=len(items), info=info)
+    embed_fn = make_map_embed_fn(network, variant, image_size, device)
+    group = group if group is not None else RankGroup(0, 1)
+    if not group.sharded:
+        return build_database(database_dir, database_rows(items), embed_fn, checkpoint_hash(checkpoint),
+                              batch_size=batch_size, overwrite=overwrite, progress=progress, total=len(items),
+                              info=info)
+    gathered = _embed_map_batches(embed_fn, items, batch_size, group, progress)
+    error = None
+    if gathered is not None:  # rank 0 writes the database with the gathered embeddings
+        try:
+            build_database(database_dir, database_rows(items), _replay(gathered), checkpoint_hash(checkpoint),
+                           batch_size=batch_size, overwrite=overwrite, progress=progress, total=len(items), info=info)
+        except Exception as e:  # noqa: BLE001 - told to the other ranks, raised below on every rank
+            error = e
+    message = group.broadcast(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"rank 0 could not write the MRIS embedding database {database_dir}: {message}")
+    return EmbeddingDatabase.load(database_dir)
+
+
+def _embed_map_batches(embed_fn: EmbedFn, items: Sequence[dict], batch_size: int, group: RankGroup,
+                       progress: bool) -> dict[int, Any] | None:
+    """``{batch: embeddings}`` of this rank's batches of database maps (stacked as
+    :func:`pipeline.mris.database.build_database` stacks them), gathered on rank 0 (``None`` on the others)."""
+    all_batches = batch_indices(len(items), batch_size)
+    per_batch: dict[int, Any] = {}
+    for b in tqdm(group.indices(len(all_batches)), desc=f"embedding database{group.label}", unit="batch",
+                  disable=not progress):
+        maps = [load_raw_maps(items[i]) for i in all_batches[b]]
+        with torch.inference_mode():
+            per_batch[b] = embed_fn({k: torch.from_numpy(np.stack([m[k] for m in maps])) for k in MAP_KEYS})
+    return group.merge(per_batch)
+
+
+def _replay(per_batch: Mapping[int, Any]) -> EmbedFn:
+    """An ``embed_fn`` for :func:`pipeline.mris.database.build_database` that returns the embeddings of
+    ``per_batch`` (computed beforehand, batch by batch in the same batches) in batch order."""
+    order = iter(per_batch.values())
+
+    def embed_fn(maps: Mapping[str, torch.Tensor]) -> Any:
+        return next(order)
+
+    return embed_fn
 
 
 def mean_map_baseline(db: EmbeddingDatabase, chunk: int = 1024) -> dict[str, np.ndarray]:
@@ -156,7 +219,8 @@ def evaluate_test(network: torch.nn.Module, checkpoint: str | Path, manifest: st
                   database_dir: str | Path, output_dir: str | Path, variant: str | None = None,
                   image_size: int | None = None, split_fractions: Mapping[str, float] | None = None, split_seed: int = 0,
                   test_split: str = "test", k: int = 20, device: torch.device | str = "cpu",
-                  batch_size: int = 32, figure: bool = True) -> dict[str, Any]:
+                  batch_size: int = 32, figure: bool = True, group: RankGroup | None = None
+                  ) -> dict[str, Any] | None:
     """Test-set retrieval recall, k-NN synthesis error and the mean-map baseline; writes to ``output_dir``:
 
     ``retrieval.json`` (R@1/5/10/20 in %, chance, N), ``synthesis_errors.csv`` (method x map x KLG group:
@@ -168,6 +232,10 @@ def evaluate_test(network: torch.nn.Module, checkpoint: str | Path, manifest: st
     chance R@k = min(k, N) / N. Synthesis: every test visit, ``k`` nearest database maps (``k`` is capped at
     the database size), weights = similarity / sum. ``variant`` / ``image_size``: ``None`` = as the checkpoint
     records them; the database must have been built with the same checkpoint, variant and image size.
+
+    ``group`` (``None``: one process): each rank embeds its batches of the test radiographs
+    (:func:`embed_radiographs`); rank 0 embeds the gallery maps (one batch), runs the k-NN synthesis and the
+    metrics, writes every file and returns the metrics, the other ranks return ``None``.
     """
     t0 = time.time()
     load_weights(network, checkpoint, train=TRAIN_COMMAND)
@@ -175,15 +243,19 @@ def evaluate_test(network: torch.nn.Module, checkpoint: str | Path, manifest: st
     network.to(device)
     db = EmbeddingDatabase.load(database_dir, expected_checkpoint_hash=checkpoint_hash(checkpoint),
                                 expected_info={"variant": variant, "image_size": image_size})
-    out_dir = Path(output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     items = select(manifest_items(manifest, split_fractions, split_seed), test_split)
     if not items:
         raise ValueError(f"no items in split {test_split!r} of {manifest}")
+    first = select(items, first_visit=True)
+    q_emb, _ = embed_radiographs(network, first, variant, image_size, device, batch_size, group=group)
+    x_emb, images = embed_radiographs(network, items, variant, image_size, device, batch_size, keep_images=figure,
+                                      group=group)
+    if q_emb is None:  # another rank of a sharded run: rank 0 has the embeddings, computes and writes the rest
+        return None
+    out_dir = Path(output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     # ---- retrieval recall, first visit per knee
-    first = select(items, first_visit=True)
-    q_emb, _ = embed_radiographs(network, first, variant, image_size, device, batch_size)
     embed_map = make_map_embed_fn(network, variant, image_size, device)
     fm = {kk: np.stack([load_raw_maps(it)[kk] for it in first]) for kk in MAP_KEYS}
     g_emb = embed_map({kk: torch.from_numpy(v) for kk, v in fm.items()})
@@ -199,7 +271,6 @@ def evaluate_test(network: torch.nn.Module, checkpoint: str | Path, manifest: st
             retrieval[f"recall_percent_{key}"] = {f"R@{kk}": v for kk, v in r.items()}
 
     # ---- synthesis on every test visit
-    x_emb, images = embed_radiographs(network, items, variant, image_size, device, batch_size, keep_images=figure)
     k_used = min(int(k), len(db))
     res = db.synthesize(x_emb, k=k_used)
     synth = ({kk: r.maps.numpy() for kk, r in res.items()} if isinstance(res, Mapping)
