@@ -23,11 +23,12 @@ Per knee:
    checkpoints (a fold ensemble: the default, ``models/fold<k>/model.pt``) are averaged once, as probabilities
    (:func:`pipeline.progression.ensemble.ensemble_probabilities`).
 
-Outputs in ``output_dir`` (a lock stops a second run into the same folder): ``predictions.csv`` with
+Outputs in ``output_dir`` (:func:`run_inference`: a lock stops a second run into the same folder, a re-run with the
+same checkpoints resumes, a sharded run under torchrun writes the same bytes): ``predictions.csv`` with
 :data:`PREDICTION_COLUMNS` (``item``, ``status`` ok / low_confidence / failed (:mod:`pipeline.io.results`),
 ``reason``, ``p_none``, ``p_fast``, ``p_slow``, ``p_any`` = ``p_fast + p_slow``, then ``image``, ``side``,
-``side_source``, ``checkpoints``), and the common outputs manifest ``outputs.csv``; both written atomically,
-after every knee. Failed rows have empty probabilities.
+``side_source``, ``checkpoints``), and the common outputs manifest ``outputs.csv``; both written atomically at the
+end (or when interrupted). Failed rows have empty probabilities.
 """
 
 from __future__ import annotations
@@ -40,13 +41,12 @@ from typing import Any, Optional, Union
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from pipeline.conventions import side_from_name
 from pipeline.io.checkpoints import load_network
 from pipeline.io.dicom import is_dicom_file, series_laterality
 from pipeline.io.manifest import load_manifest, resolve
-from pipeline.io.paths import contained_path, find_collisions, name_from_path, output_lock, safe_name
+from pipeline.io.paths import contained_path, find_collisions, name_from_path, safe_name
 from pipeline.io.results import (
     FAILED,
     LOW_CONFIDENCE,
@@ -58,6 +58,7 @@ from pipeline.io.results import (
     status_of,
     write_manifest,
 )
+from pipeline.io.run_state import RunState, file_stamp, weights_digest
 from pipeline.io.validate import describe_exception, dess_problems
 from pipeline.progression.data import mr_transforms
 from pipeline.progression.ensemble import ensemble_probabilities
@@ -258,11 +259,21 @@ def _row(name: str, status: str, reason: str, it: dict[str, Any], probs: Optiona
 def run_inference(input: PathLike, output_dir: PathLike, checkpoint: Any, device: str | torch.device = "cpu",
                   num_slices: Optional[int] = None, image_size: Optional[int] = None, visit: int = 0,
                   reader: str = "ITKReader", progress: bool = True,
-                  predictor: Optional[ProgressionPredictor] = None) -> pd.DataFrame:
+                  predictor: Optional[ProgressionPredictor] = None, overwrite: bool = False) -> pd.DataFrame:
     """Predict every knee of ``input`` (module docstring) into ``output_dir/predictions.csv``; returns it.
 
     ``checkpoint``: one checkpoint, a folder of fold checkpoints, or a list (:func:`resolve_checkpoints`);
     ``predictor``: an already built :class:`ProgressionPredictor` (then ``checkpoint`` only labels the rows).
+
+    Re-runs, lock and interruption (:class:`pipeline.io.run_state.RunState`; the settings are the networks' weight
+    digests, the input size and the reader; a knee's stamp is its input file / series and side): a run into a
+    folder of a run with the same settings resumes (a knee predicted from an unchanged input is kept, a failed or
+    missing one is redone); other settings are refused unless ``overwrite``; Ctrl-C / SIGTERM write
+    ``predictions.csv`` and ``outputs.csv`` of the knees done so far, then re-raise.
+
+    Sharded (torchrun, ``multi_gpu_inference.json``): knee ``k`` is rank ``k % world_size``'s; rank 0 gathers the
+    rows and writes both tables in knee order (the bytes of a single-process run); the other ranks return their
+    own rows.
     """
     items = inference_items(input, visit)
     if not items:
@@ -272,45 +283,93 @@ def run_inference(input: PathLike, output_dir: PathLike, checkpoint: Any, device
     chain = mr_transforms(model.num_slices, model.image_size, train=False, reader=reader, keep_meta=False)
     out = Path(output_dir)
     clash = {i for idx in find_collisions([it["name"] for it in items]).values() for i in idx}
-    rows: list[dict[str, Any]] = []
-    with output_lock(out, what="progression inference"):
-        for k, it in enumerate(tqdm(items, desc="progression knees", unit="knee", disable=not progress)):
-            name = str(it["name"])
+    per_knee: dict[int, dict[str, Any]] = {}  # knee index -> predictions row
+    settings = {"networks": [weights_digest(net) for net in model.networks], "num_slices": model.num_slices,
+                "image_size": model.image_size, "reader": reader}
+    with RunState(out, settings, "progression inference", overwrite) as state:
+        with state.progress(len(state.group.indices(len(items))), "progression knees", unit="knee",
+                            enabled=progress) as bar:
             try:
-                name = safe_name(name, "item name")
-                if k in clash:
-                    raise UserInputError(f"{it['image']}: item name {name!r} is shared with another input (they "
-                                         "would get one row); rename one of them")
-                if it["kind"] == "other":
-                    raise UserInputError(f"{it['image']}: not a DESS volume (expected a NIfTI file .nii / .nii.gz "
-                                         "or a folder holding one DICOM series, one file per slice)")
-                problems = dess_problems(it["image"])
-                if problems:
-                    raise UserInputError("; ".join(problems))
-                try:
-                    volume = chain({"image": it["image"], "side": it["side"]})["image"]
-                except Exception as e:  # noqa: BLE001 - a file that passed the header checks but cannot be read
-                    raise UserInputError(f"{it['image']}: cannot be loaded ({describe_exception(e)}); export the "
-                                         "series / volume again") from e
-                probs = model.probabilities(volume)[0].numpy()
-                flags = []
-                if not it["side"]:
-                    flags.append(UNKNOWN_SIDE)
-                if it.get("excluded"):
-                    flags.append("progression_3class -1 (KLG 4 at baseline): outside the population the model "
-                                 "was trained on")
-                rows.append(_row(name, LOW_CONFIDENCE if flags else OK, "; ".join(flags), it, probs, ckpt_names))
-            except Exception as e:  # noqa: BLE001 - one knee's failure never stops the folder
-                reason = str(e) if isinstance(e, UserInputError) else f"{it['image']}: {describe_exception(e)}"
-                logger.warning("progression inference: %s failed: %s", name, reason)
-                rows.append(_row(name, FAILED, reason, it, None, ckpt_names))
-        df = pd.DataFrame(rows, columns=list(PREDICTION_COLUMNS))
-        pred_path = contained_path(out, PREDICTIONS_CSV)
-        save_csv(pred_path, df)
-        fields = ("p_none", "p_fast", "p_slow", "p_any", "image", "side")
-        write_manifest(contained_path(out, OUTPUTS_MANIFEST), [
-            manifest_row(r["item"], r["status"], r["reason"], [] if r["status"] == FAILED else [pred_path], out,
-                         {f: r[f] for f in fields}) for r in rows])
+                for k, it in state.mine(items):
+                    per_knee[k], outcome = _predict_knee(state, model, chain, it, k in clash, ckpt_names)
+                    bar.update(outcome)
+            except KeyboardInterrupt:
+                if not state.group.sharded:  # (a rank of a sharded run leaves its journal: the re-run resumes from it)
+                    _write_tables(out, [per_knee[k] for k in sorted(per_knee)], state, ckpt_names)
+                logger.warning("progression inference interrupted: %s lists the knees done; run the same command "
+                               "again to resume", out / PREDICTIONS_CSV)
+                raise
+        merged = state.merge(per_knee)  # every rank's knees on rank 0, in knee order
+        if merged is None:  # another rank of a sharded run: rank 0 writes the tables
+            return pd.DataFrame([per_knee[k] for k in sorted(per_knee)], columns=list(PREDICTION_COLUMNS))
+        return _write_tables(out, list(merged.values()), state, ckpt_names)
+
+
+def _predict_knee(state: RunState, model: ProgressionPredictor, chain: Any, it: dict[str, Any], clash: bool,
+                  ckpt_names: str) -> tuple[dict[str, Any], str]:
+    """One knee's predictions row and how it came (``"kept"`` from the earlier run, ``"done"``: predicted and
+    journalled, ``"failed"``: with the reason); never raises, but for an interruption."""
+    name = str(it["name"])
+    safe = None
+    try:
+        safe = name = safe_name(name, "item name")
+        if clash:
+            raise UserInputError(f"{it['image']}: item name {name!r} is shared with another input (they would get "
+                                 "one row); rename one of them")
+        if it["kind"] == "other":
+            raise UserInputError(f"{it['image']}: not a DESS volume (expected a NIfTI file .nii / .nii.gz or a "
+                                 "folder holding one DICOM series, one file per slice)")
+        stamp = file_stamp(it["image"], it["side"], bool(it.get("excluded")))
+        prev = state.previous(name, stamp)
+        if prev is not None:  # resumed: the earlier run's probabilities stand (this run's paths in the row)
+            return _current(prev["record"], it, ckpt_names), "kept"
+        state.forget(name)
+        problems = dess_problems(it["image"])
+        if problems:
+            raise UserInputError("; ".join(problems))
+        try:
+            volume = chain({"image": it["image"], "side": it["side"]})["image"]
+        except Exception as e:  # noqa: BLE001 - a file that passed the header checks but cannot be read
+            raise UserInputError(f"{it['image']}: cannot be loaded ({describe_exception(e)}); export the series / "
+                                 "volume again") from e
+        probs = model.probabilities(volume)[0].numpy()
+        flags = []
+        if not it["side"]:
+            flags.append(UNKNOWN_SIDE)
+        if it.get("excluded"):
+            flags.append("progression_3class -1 (KLG 4 at baseline): outside the population the model was trained "
+                         "on")
+        row = _row(name, LOW_CONFIDENCE if flags else OK, "; ".join(flags), it, probs, ckpt_names)
+        state.record(name, stamp, [], row)
+        return row, "done"
+    except Exception as e:  # noqa: BLE001 - one knee's failure never stops the folder
+        if safe is not None:
+            state.forget(safe)  # an earlier prediction of this knee is not its result any more
+        reason = str(e) if isinstance(e, UserInputError) else f"{it['image']}: {describe_exception(e)}"
+        logger.warning("progression inference: %s failed: %s", name, reason)
+        return _row(name, FAILED, reason, it, None, ckpt_names), "failed"
+
+
+def _current(row: dict[str, Any], it: dict[str, Any] | None, ckpt_names: str) -> dict[str, Any]:
+    """A journalled row with this run's input path, side source and checkpoint names (the probabilities, status
+    and reason were decided by what the stamp and settings cover)."""
+    now = {"checkpoints": ckpt_names}
+    if it is not None:
+        now.update(image=it.get("image", ""), side_source=it.get("side_source", ""))
+    return {c: now.get(c, row.get(c)) for c in PREDICTION_COLUMNS}
+
+
+def _write_tables(out: Path, rows: list[dict[str, Any]], state: RunState, ckpt_names: str) -> pd.DataFrame:
+    """``predictions.csv`` and ``outputs.csv`` of ``rows`` (knee order), then of the knees predicted by an earlier
+    run in the folder that this one did not reach."""
+    rows = rows + [_current(e["record"], None, ckpt_names) for e in state.unreached()]
+    df = pd.DataFrame(rows, columns=list(PREDICTION_COLUMNS))
+    pred_path = contained_path(out, PREDICTIONS_CSV)
+    save_csv(pred_path, df)
+    fields = ("p_none", "p_fast", "p_slow", "p_any", "image", "side")
+    write_manifest(contained_path(out, OUTPUTS_MANIFEST), [
+        manifest_row(r["item"], r["status"], r["reason"], [] if r["status"] == FAILED else [pred_path], out,
+                     {f: r[f] for f in fields}) for r in rows])
     return df
 
 

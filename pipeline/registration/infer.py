@@ -18,13 +18,19 @@ by name. For every pair: segment both images (DXA segmenter, radiograph segmente
 differ, a file that is not an image, a missing partner, or an empty segmentation give a row naming the file;
 the rest of the folder is still processed. A pair is ``low_confidence`` when the warped moving segmentation
 and the fixed one overlap poorly (mean Dice < :data:`MIN_SEG_DICE`) or the map folds (> :data:`MAX_FOLD_PERCENT`
-% of pixels). A re-run into the same folder skips pairs already written with the same checkpoints (``overwrite``
-redoes them); a lock stops a second run into the same folder.
+% of pixels).
+
+Re-runs (:class:`pipeline.io.run_state.RunState`, :func:`run_inference`): a re-run into the same folder with the same
+networks resumes (pairs already written from unchanged inputs are kept, failed or missing ones redone); other
+networks are refused unless ``overwrite`` (which replaces the earlier outputs); a lock stops a second run into the
+same folder; Ctrl-C / SIGTERM leave ``outputs.csv`` of the pairs done. Sharded runs (torchrun,
+``bundles/segreg/configs/multi_gpu_inference.json``): pair ``k`` is done by rank ``k % world_size``, rank 0 writes
+``outputs.csv`` in pair order.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,11 +38,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
-from pipeline.io.atomic import atomic_path, write_text_atomic
+from pipeline.io.atomic import atomic_path
 from pipeline.io.checkpoints import checkpoint_hash, load_network
-from pipeline.io.paths import contained_path, find_collisions, output_lock, safe_name, strip_data_extension
+from pipeline.io.paths import contained_path, find_collisions, safe_name, strip_data_extension
 from pipeline.io.results import (
     FAILED,
     LOW_CONFIDENCE,
@@ -46,12 +51,18 @@ from pipeline.io.results import (
     status_counts,
     write_manifest,
 )
+from pipeline.io.run_state import RunState, file_stamp, weights_digest
 from pipeline.io.validate import describe_exception
 from pipeline.registration.data import BONES, normalise_image, onehot, read_image_2d
 from pipeline.user_errors import UserInputError
 
+logger = logging.getLogger(__name__)
+
 MIN_SEG_DICE = 0.6
 MAX_FOLD_PERCENT = 1.0
+#: The files of a registered pair in ``output_dir/<pair_id>/`` (module docstring).
+PAIR_FILES = ("warped.nii.gz", "displacement_px.npy", "moving_labels.nii.gz", "fixed_labels.nii.gz",
+              "warped_labels.nii.gz", "overlay.png")
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".png", ".tif", ".tiff", ".dcm", ".npy", ".mha", ".nrrd")
 
 
@@ -181,84 +192,141 @@ def run_inference(output_dir: str | os.PathLike, segmenter_dxa: str, segmenter_x
                   moving: str | None = None, fixed: str | None = None, pairs: str | None = None,
                   moving_dir: str | None = None, fixed_dir: str | None = None, overwrite: bool = False,
                   device: str | torch.device = "cpu", progress: bool = True) -> pd.DataFrame:
-    """Register every pair (module docstring); returns the outputs manifest as a DataFrame."""
-    from pipeline.registration.overlay import save_registration_overlay
+    """Register every pair (module docstring); returns the outputs manifest as a DataFrame.
 
+    Re-runs, lock and interruption (:class:`pipeline.io.run_state.RunState`; the settings are the three networks'
+    weight digests, the size they work at and the quality thresholds; a pair's stamp is its two input files'): a
+    run into a folder of a run with the same settings resumes (a pair whose inputs are unchanged and whose files
+    are all there is kept, a failed, missing or changed one is redone); other settings are refused unless
+    ``overwrite`` (which removes the earlier run's files first); Ctrl-C / SIGTERM remove the pair being written,
+    write ``outputs.csv`` of the pairs done so far, then re-raise.
+
+    Sharded (torchrun, ``multi_gpu_inference.json``): pair ``k`` is rank ``k % world_size``'s; each rank writes its
+    pairs' folders; rank 0 gathers the manifest rows and writes ``outputs.csv`` in pair order (the bytes of a
+    single-process run); the other ranks return their own rows.
+    """
     items = pairs_from_inputs(moving, fixed, pairs, moving_dir, fixed_dir)
     out = Path(output_dir)
     engine = SegRegInference(segmenter_dxa, segmenter_xray, registration, device)
-    rows: list[dict] = []
     collisions = find_collisions([it["pair_id"] for it in items])
     clash = {i for idx in collisions.values() for i in idx}
-    with output_lock(out, what="segreg inference"):
-        bar = tqdm(items, desc="segreg pairs", unit="pair", disable=not progress)
-        try:
-            for k, it in enumerate(bar):
-                pid = it["pair_id"]
-                fields = {"moving": it["moving"], "fixed": it["fixed"]}
-                try:
-                    name = safe_name(pid, "pair id")
-                    if k in clash:
-                        raise UserInputError(f"pair id {pid!r} is given to several pairs (they would write the same "
-                                             "files); give each pair its own pair_id")
-                    if it["problem"]:
-                        raise UserInputError(it["problem"])
-                    folder = contained_path(out, name)
-                    done = folder / "done.json"
-                    if done.is_file() and not overwrite:
-                        prev = json.loads(done.read_text())
-                        if prev.get("checkpoints") == engine.digest and prev.get("inputs") == fields:
-                            rows.append(manifest_row(name, prev["status"], prev["reason"],
-                                                     [folder / f for f in prev["files"]], out, prev["fields"]))
+    per_pair: dict[int, dict] = {}  # pair index -> manifest row
+    with RunState(out, _settings(engine), "segreg inference", overwrite) as state:
+        writing: list[Path] = []  # the files of the pair being written (removed when it stops half-way)
+        with state.progress(len(state.group.indices(len(items))), "segreg pairs", unit="pair",
+                            enabled=progress) as bar:
+            try:
+                for k, it in state.mine(items):
+                    pid = it["pair_id"]
+                    inputs = {"moving": it["moving"], "fixed": it["fixed"]}
+                    name = None
+                    try:
+                        name = safe_name(pid, "pair id")
+                        if k in clash:
+                            raise UserInputError(f"pair id {pid!r} is given to several pairs (they would write the "
+                                                 "same files); give each pair its own pair_id")
+                        if it["problem"]:
+                            raise UserInputError(it["problem"])
+                        stamp = _pair_stamp(it)
+                        prev = state.previous(name, stamp)
+                        if prev is not None:  # resumed: the earlier run's files stand
+                            per_pair[k] = _manifest_row(name, prev["record"], out, inputs)
+                            bar.update("kept")
                             continue
-                    mov_arr = read_image_2d(it["moving"])
-                    fix_arr = read_image_2d(it["fixed"])
-                    if mov_arr.shape != fix_arr.shape:
-                        raise ValueError(f"{it['moving']} is {mov_arr.shape[0]} x {mov_arr.shape[1]} px but "
-                                         f"{it['fixed']} is {fix_arr.shape[0]} x {fix_arr.shape[1]} px: pair-ready "
-                                         "crops have one size (make them with the cohort's crop step)")
-                    for arr, p in ((mov_arr, it["moving"]), (fix_arr, it["fixed"])):
-                        if float(arr.max() - arr.min()) <= 1e-8:
-                            raise ValueError(f"{p}: the image is constant (nothing to segment or register)")
-                    res = engine.register_arrays(mov_arr, fix_arr)
-                    reasons = []
-                    for key, p in (("moving_labels", it["moving"]), ("fixed_labels", it["fixed"])):
-                        if not (res[key] > 0).any():
-                            reasons.append(f"the segmenter found no bone in {p}: is it a knee crop of the right "
-                                           "modality?")
-                    mean_dice = float(np.mean(list(res["seg_dice"].values())))
-                    if mean_dice < MIN_SEG_DICE:
-                        reasons.append(f"warped and fixed segmentations overlap poorly (mean Dice {mean_dice:.2f} < "
-                                       f"{MIN_SEG_DICE}); check the pair is the same knee and pre-aligned")
-                    if res["fold_percent"] > MAX_FOLD_PERCENT:
-                        reasons.append(f"the map folds at {res['fold_percent']:.2f} % of pixels")
-                    folder.mkdir(parents=True, exist_ok=True)
-                    files = ["warped.nii.gz", "displacement_px.npy", "moving_labels.nii.gz", "fixed_labels.nii.gz",
-                             "warped_labels.nii.gz", "overlay.png"]
-                    _nifti(folder / files[0], res["warped"], np.float32)
-                    with atomic_path(folder / files[1], suffix=".npy") as tmp:
-                        np.save(tmp, res["displacement_px"])
-                    for f_name, key in zip(files[2:5], ("moving_labels", "fixed_labels", "warped_labels")):
-                        _nifti(folder / f_name, res[key], np.uint8)
-                    save_registration_overlay(folder / files[5], res["fixed"], res["moving"], res["warped"], res["phi"],
-                                              fixed_labels=res["fixed_labels"], warped_labels=res["warped_labels"],
-                                              title=f"{name}: segmentation-guided", dice=res["seg_dice"])
-                    status = LOW_CONFIDENCE if reasons else OK
-                    fields.update({f"seg_dice_{n}": round(v, 4) for n, v in res["seg_dice"].items()})
-                    fields["fold_percent"] = round(res["fold_percent"], 4)
-                    reason = "; ".join(reasons)
-                    write_text_atomic(done, json.dumps({"checkpoints": engine.digest, "inputs": {
-                        "moving": it["moving"], "fixed": it["fixed"]}, "status": status, "reason": reason,
-                        "files": files, "fields": fields}))
-                    rows.append(manifest_row(name, status, reason, [folder / f for f in files], out, fields))
-                except Exception as e:  # noqa: BLE001 - one pair's failure never stops the folder
-                    reason = str(e) if isinstance(e, (UserInputError, ValueError, FileNotFoundError)) else \
-                        describe_exception(e)
-                    rows.append(manifest_row(str(pid), FAILED, reason, (), out, fields))
-        finally:
-            bar.close()
-            df = write_manifest(out / OUTPUTS_MANIFEST, rows)
-    return df
+                        state.forget(name)
+                        record = _register_pair(engine, name, it, contained_path(out, name), writing)
+                        state.record(name, stamp, [out / name / f for f in record["files"]], record)
+                        writing.clear()
+                        per_pair[k] = _manifest_row(name, record, out)
+                        bar.update("done")
+                    except Exception as e:  # noqa: BLE001 - one pair's failure never stops the folder
+                        state.remove(writing)  # a pair that failed half-way leaves no files
+                        writing.clear()
+                        if name is not None:
+                            state.forget(name)  # files of an earlier attempt of this pair are not its result
+                        reason = str(e) if isinstance(e, (UserInputError, ValueError, FileNotFoundError)) else \
+                            describe_exception(e)
+                        per_pair[k] = manifest_row(str(pid), FAILED, reason, (), out, inputs)
+                        bar.update("failed")
+            except KeyboardInterrupt:
+                state.remove(writing)  # the pair being written when the run stopped
+                if not state.group.sharded:  # (a rank of a sharded run leaves its journal: the re-run resumes from it)
+                    _write_rows(out, [per_pair[k] for k in sorted(per_pair)], state)
+                logger.warning("segreg inference interrupted: %s lists the pairs done; run the same command again to "
+                               "resume", out / OUTPUTS_MANIFEST)
+                raise
+        merged = state.merge(per_pair)  # every rank's pairs on rank 0, in pair order
+        if merged is None:  # another rank of a sharded run: rank 0 writes outputs.csv
+            return pd.DataFrame([per_pair[k] for k in sorted(per_pair)])
+        return _write_rows(out, list(merged.values()), state)
+
+
+def _settings(engine: SegRegInference) -> dict:
+    """What decides the outputs of :func:`run_inference` (compared between runs into one folder)."""
+    return {**{k: weights_digest(net) for k, net in engine.nets.items()}, "image_size": engine.image_size,
+            "min_seg_dice": MIN_SEG_DICE, "max_fold_percent": MAX_FOLD_PERCENT}
+
+
+def _pair_stamp(it: dict) -> str:
+    """Both input files' :func:`pipeline.io.run_state.file_stamp` (``""``, never unchanged, if either is unreadable)."""
+    stamps = [file_stamp(it["moving"]), file_stamp(it["fixed"])]
+    return "|".join(stamps) if all(stamps) else ""
+
+
+def _register_pair(engine: SegRegInference, name: str, it: dict, folder: Path, writing: list[Path]) -> dict:
+    """Register one pair and write its files into ``folder`` (each listed in ``writing`` before it is written);
+    returns its record: ``status``, ``reason``, ``files`` (names in ``folder``) and the manifest ``fields``."""
+    from pipeline.registration.overlay import save_registration_overlay
+
+    mov_arr = read_image_2d(it["moving"])
+    fix_arr = read_image_2d(it["fixed"])
+    if mov_arr.shape != fix_arr.shape:
+        raise ValueError(f"{it['moving']} is {mov_arr.shape[0]} x {mov_arr.shape[1]} px but {it['fixed']} is "
+                         f"{fix_arr.shape[0]} x {fix_arr.shape[1]} px: pair-ready crops have one size (make them "
+                         "with the cohort's crop step)")
+    for arr, p in ((mov_arr, it["moving"]), (fix_arr, it["fixed"])):
+        if float(arr.max() - arr.min()) <= 1e-8:
+            raise ValueError(f"{p}: the image is constant (nothing to segment or register)")
+    res = engine.register_arrays(mov_arr, fix_arr)
+    reasons = []
+    for key, p in (("moving_labels", it["moving"]), ("fixed_labels", it["fixed"])):
+        if not (res[key] > 0).any():
+            reasons.append(f"the segmenter found no bone in {p}: is it a knee crop of the right modality?")
+    mean_dice = float(np.mean(list(res["seg_dice"].values())))
+    if mean_dice < MIN_SEG_DICE:
+        reasons.append(f"warped and fixed segmentations overlap poorly (mean Dice {mean_dice:.2f} < {MIN_SEG_DICE}); "
+                       "check the pair is the same knee and pre-aligned")
+    if res["fold_percent"] > MAX_FOLD_PERCENT:
+        reasons.append(f"the map folds at {res['fold_percent']:.2f} % of pixels")
+    writing += [folder / f for f in PAIR_FILES]
+    folder.mkdir(parents=True, exist_ok=True)
+    _nifti(folder / PAIR_FILES[0], res["warped"], np.float32)
+    with atomic_path(folder / PAIR_FILES[1], suffix=".npy") as tmp:
+        np.save(tmp, res["displacement_px"])
+    for f_name, key in zip(PAIR_FILES[2:5], ("moving_labels", "fixed_labels", "warped_labels")):
+        _nifti(folder / f_name, res[key], np.uint8)
+    save_registration_overlay(folder / PAIR_FILES[5], res["fixed"], res["moving"], res["warped"], res["phi"],
+                              fixed_labels=res["fixed_labels"], warped_labels=res["warped_labels"],
+                              title=f"{name}: segmentation-guided", dice=res["seg_dice"])
+    fields = {"moving": it["moving"], "fixed": it["fixed"],
+              **{f"seg_dice_{n}": round(v, 4) for n, v in res["seg_dice"].items()},
+              "fold_percent": round(res["fold_percent"], 4)}
+    return {"status": LOW_CONFIDENCE if reasons else OK, "reason": "; ".join(reasons), "files": list(PAIR_FILES),
+            "fields": fields}
+
+
+def _manifest_row(name: str, record: dict, out: Path, inputs: dict | None = None) -> dict:
+    """The outputs-manifest row of a registered pair from its record (``inputs``: this run's input paths, which
+    replace the recorded ones of a pair kept from an earlier run)."""
+    return manifest_row(name, record["status"], record["reason"], [out / name / f for f in record["files"]], out,
+                        {**record["fields"], **(inputs or {})})
+
+
+def _write_rows(out: Path, rows: list[dict], state: RunState) -> pd.DataFrame:
+    """``outputs.csv`` of ``rows`` (pair order), then the complete pairs of an earlier run in the folder that this
+    one did not reach (their files are there)."""
+    rows = rows + [_manifest_row(e["item"], e["record"], out) for e in state.unreached()]
+    return write_manifest(out / OUTPUTS_MANIFEST, rows)
 
 
 #: ``{status: count}`` of an outputs / predictions table (:func:`pipeline.io.results.status_counts`).
