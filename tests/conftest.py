@@ -8,6 +8,9 @@ import pytest
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    for item in items:  # tests that start torchrun (their name says so) carry the torchrun marker
+        if "torchrun" in item.name:
+            item.add_marker(pytest.mark.torchrun)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
