@@ -111,3 +111,46 @@ def test_inference_on_folder_keeps_geometry_and_records_failures(trained, tiny_c
     assert failures[0]["stage"] == "load" and failures[0]["error"]
     done = list(csv.DictReader((out / "predictions.csv").open()))
     assert len(done) == 1 and done[0]["knee_flipped"] == "True" and done[0]["output"] == str(pred_path)
+
+
+@pytest.mark.slow
+def test_two_ranks_under_torchrun_evaluate_like_one_process(trained, tiny_cohort, tmp_path):
+    """multi_gpu_evaluate.json (issue 16): 2 CPU processes (gloo) each evaluate a consecutive block of the test
+    cases; MONAI's metrics and MetricsSaver gather them on rank 0, which alone writes: the metrics and the per-case
+    rows (complete, in the single-process order) equal one process's, byte for byte."""
+    from dist_helpers import assert_same_files, run_one_and_two
+
+    bundle_root, _ = trained
+    root, _ = tiny_cohort
+    one, two = tmp_path / "one", tmp_path / "two"
+    _, r2 = run_one_and_two("evaluating", [CONFIGS / "train.json", CONFIGS / "evaluate.json"],
+                            CONFIGS / "multi_gpu_evaluate.json", one, two, manifest=str(root / "manifest.csv"),
+                            bundle_root=str(bundle_root), num_workers=0, **TINY)
+    assert "rank 0/2" in r2.stderr and "rank 1/2" in r2.stderr  # both ranks evaluated cases
+    files = assert_same_files(one, two)
+    rows = list(csv.reader(files["val_mean_cartilage_dice_raw.csv"].decode().splitlines()))
+    assert len(rows) == 1 + 6 and len({r[0] for r in rows[1:]}) == 6  # every test case once
+
+
+@pytest.mark.slow
+def test_two_ranks_under_torchrun_segment_like_one_process(trained, tiny_cohort, tmp_path):
+    """multi_gpu_inference.json (issue 16): 2 CPU processes (gloo) share the volumes (item k -> rank k % 2), rank 0
+    writes the CSVs and manifest: every file byte for byte as one process, every volume listed once."""
+    from dist_helpers import assert_same_files, run_one_and_two
+
+    bundle_root, _ = trained
+    root, _ = tiny_cohort
+    src = tmp_path / "in"
+    for k, good in enumerate(sorted(root.glob("subjects/*/00_MONTH/MR_SAG_3D_DESS/*_KNEE/dess.nii.gz"))[:2]):
+        (src / f"s{k}" / good.parent.name).mkdir(parents=True)
+        shutil.copy(good, src / f"s{k}" / good.parent.name / "dess.nii.gz")
+    (src / "corrupt.nii.gz").write_bytes(b"this is not a NIfTI file")
+    one, two = tmp_path / "one", tmp_path / "two"
+    _, r2 = run_one_and_two("inference", [CONFIGS / "inference.json"], CONFIGS / "multi_gpu_inference.json", one, two,
+                            input=str(src), checkpoint=str(bundle_root / "models" / "model.pt"), **TINY)
+    assert "rank 0/2" in r2.stderr and "rank 1/2" in r2.stderr
+    files = assert_same_files(one, two)
+    assert sum(k.endswith("_seg.nii.gz") for k in files) == 2
+    rows = list(csv.DictReader((two / "outputs.csv").open()))
+    assert len(rows) == 3 and len({r["item"] for r in rows}) == 3
+    assert sorted(r["status"] for r in rows) == ["failed", "ok", "ok"]

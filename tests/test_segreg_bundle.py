@@ -236,3 +236,44 @@ def test_label_map_checks_name_the_file(tmp_path):
     nib.save(nib.Nifti1Image(arr, np.eye(4)), str(ok))
     lab = load_crop(ok, 32, labels=True)
     assert lab.shape == (1, 32, 32) and set(np.unique(lab)) == {0, 1, 2}  # nearest resampling keeps the values
+
+
+def _without_timing(files: dict[str, bytes]) -> dict[str, object]:
+    """The evaluation files with the measured seconds per pair left out (they differ between any two runs)."""
+    import io
+
+    out: dict[str, object] = {}
+    for name, data in files.items():
+        if name.endswith(".csv"):
+            df = pd.read_csv(io.BytesIO(data))
+            out[name] = df.drop(columns=[c for c in df.columns if c.startswith("seconds_per_pair")]).to_csv(index=False)
+        elif name == "summary.json":
+            meta = json.loads(data)
+            for row in meta["summary"]:
+                for k in [k for k in row if k.startswith("seconds_per_pair")]:
+                    row.pop(k)
+            out[name] = meta
+        elif name == "report.md":  # the table's "s / pair" column (the 8th cell) masked
+            out[name] = ["|".join(c if k != 8 else "" for k, c in enumerate(line.split("|")))
+                         for line in data.decode().splitlines()]
+        else:
+            out[name] = data
+    return out
+
+
+def test_two_ranks_under_torchrun_write_what_one_process_writes(trained, cohort, tmp_path):
+    """multi_gpu_evaluate.json (issue 16): 2 CPU processes (gloo) share the (method, batch of pairs) items (item k
+    -> rank k % 2) and rank 0 writes every file: pairs.csv, summaries, report and overlays as one process, byte for
+    byte bar the measured seconds per pair."""
+    from dist_helpers import folder_files, run_one_and_two
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    settings = {k: TINY_STAGES[k] for k in ("image_size", "batch_size", "n_overlays", "bspline")}
+    _, r2 = run_one_and_two("evaluating", [CONFIGS / "evaluate.json", CONFIGS / "stages_demo.json"],
+                            CONFIGS / "multi_gpu_evaluate.json", one, two, bundle_root=str(trained),
+                            manifest=str(cohort), **settings)
+    assert "rank 0/2" in r2.stderr and "rank 1/2" in r2.stderr  # both ranks registered pairs
+    a, b = folder_files(one), folder_files(two)
+    assert sorted(a) == sorted(b) and "pairs.csv" in a and [f for f in a if f.startswith("overlays/")]
+    assert _without_timing(a) == _without_timing(b)
+    assert len(pd.read_csv(two / "pairs.csv")) == len(pd.read_csv(trained / "eval" / "pairs.csv"))

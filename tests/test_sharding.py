@@ -101,3 +101,19 @@ def test_journals_of_an_interrupted_sharded_run_are_joined(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / JOURNAL_FILE).read_text().splitlines()]
     assert [e["item"] for e in lines] == ["a", "b", "a"] and lines[-1]["removed"]
     assert not (tmp_path / "a.txt").exists() and (tmp_path / "b.txt").exists()
+
+
+@pytest.mark.parametrize("n, world", [(2, 2), (5, 2), (7, 3), (11, 4)])
+def test_block_sampler_ranks_concatenate_to_the_single_process_order(n, world):
+    """MONAI's handlers join the ranks' per-case results in rank order: consecutive blocks keep the case order, and
+    each rank gets as many cases as MONAI's own DistributedSampler(even_divisible=False) gives it."""
+    from monai.data import DistributedSampler
+
+    from pipeline.io.sharded_batches import BlockDistributedSampler, batch_indices
+
+    data = list(range(n))
+    shares = [list(BlockDistributedSampler(data, num_replicas=world, rank=r)) for r in range(world)]
+    assert [i for s in shares for i in s] == data
+    assert [len(s) for s in shares] == [len(DistributedSampler(data, even_divisible=False, num_replicas=world,
+                                                               rank=r, shuffle=False)) for r in range(world)]
+    assert [i for b in batch_indices(n, 3) for i in b] == data and all(len(b) <= 3 for b in batch_indices(n, 3))

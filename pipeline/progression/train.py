@@ -382,31 +382,57 @@ def report_from_checkpoints(manifest: Union[PathLike, Sequence[dict]], ckpt_root
                             n_folds: int = 5, split_seed: int = 0, arch: Optional[str] = None,
                             num_slices: Optional[int] = None, size: Optional[int] = None, batch_size: int = 8,
                             n_resamples: int = 1000, device: Union[str, torch.device, None] = None,
-                            num_workers: int = 0, name: Optional[str] = None) -> dict[str, Any]:
+                            num_workers: int = 0, name: Optional[str] = None) -> Optional[dict[str, Any]]:
     """The cross-validation report (:func:`cv_report`) from fold checkpoints ``ckpt_root/fold<k>/model.pt``
     trained by ``train.json --fold k``: each fold's network (rebuilt from its checkpoint's record; ``arch``,
     ``num_slices``, ``size`` given here must agree with it) predicts its own validation knees. Every fold must
-    be trained: a missing one raises :class:`pipeline.user_errors.CheckpointNotFoundError`."""
-    from monai.data import Dataset
+    be trained: a missing one raises :class:`pipeline.user_errors.CheckpointNotFoundError` (checked for every fold
+    before any prediction).
+
+    Sharded (torchrun, ``bundles/progression_mr/configs/multi_gpu_evaluate.json``;
+    :class:`pipeline.io.sharding.RankGroup`): the work items are the ``(fold, batch of validation knees)`` of a
+    single process, in its order (a batch keeps its knees, so the network sees the same inputs); item ``k`` is
+    predicted by rank ``k % world_size``, which loads only the folds it has batches of. Rank 0 gathers the
+    probabilities (:meth:`~pipeline.io.sharding.RankGroup.merge`), computes the metrics and writes every file:
+    they equal a single process's (same threads per process) byte for byte. Other ranks write nothing and
+    return None."""
+    from monai.data import DataLoader, Dataset
 
     from pipeline.io.checkpoints import network_settings
+    from pipeline.io.sharding import RankGroup
     from pipeline.progression.network import load_progression_network
     from pipeline.user_errors import require_checkpoint
 
+    group = RankGroup.current("progression evaluation")
     device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
     items = _items(manifest)
     folds = _folds(items, n_folds, split_seed)
+    ckpts = [require_checkpoint(str(Path(ckpt_root) / f"fold{k}" / "model.pt"), TRAIN_COMMAND.format(k=k),
+                                what=f"fold {k} checkpoint", option="--ckpt_root") for k in range(len(folds))]
+    batches = [(k, s) for k, (_, va) in enumerate(folds) for s in range(0, len(va), batch_size)]
+    mine = group.indices(len(batches))
+    per_batch: dict[int, np.ndarray] = {}
+    for k, (_, va) in enumerate(folds):
+        todo = [b for b in mine if batches[b][0] == k]
+        if not todo:
+            continue
+        net = load_progression_network(ckpts[k], arch=arch, num_slices=num_slices).to(device)
+        s = network_settings(net, required=("arch",))
+        tf = make_transforms(s["arch"], int(s.get("num_slices") or 64), int(size or s.get("image_size") or 160),
+                             train=False)
+        positions = [list(range(batches[b][1], min(batches[b][1] + batch_size, len(va)))) for b in todo]
+        loader = DataLoader(Dataset([items[i] for i in va], tf), batch_sampler=positions, num_workers=num_workers)
+        probs = predict_probabilities(net, loader, device)
+        for b, rows in zip(todo, np.split(probs, np.cumsum([len(p) for p in positions])[:-1])):
+            per_batch[b] = rows
+    merged = group.merge(per_batch)  # every rank's probabilities on rank 0, in single-process order
+    if merged is None:  # another rank of a sharded run: rank 0 computes the metrics and writes the files
+        return None
     oof = np.full((len(items), 3), np.nan)
     fold_of = np.full(len(items), -1, dtype=np.int64)
-    for k, (_, va) in enumerate(folds):
-        ckpt = require_checkpoint(str(Path(ckpt_root) / f"fold{k}" / "model.pt"), TRAIN_COMMAND.format(k=k),
-                                  what=f"fold {k} checkpoint", option="--ckpt_root")
-        net = load_progression_network(ckpt, arch=arch, num_slices=num_slices).to(device)
-        s = network_settings(net, required=("arch",))
-        a = s["arch"]
-        img = int(size or s.get("image_size") or 160)
-        tf = make_transforms(a, int(s.get("num_slices") or 64), img, train=False)
-        loader = _loader(Dataset([items[i] for i in va], tf), batch_size, num_workers)
-        oof[va], fold_of[va] = predict_probabilities(net, loader, device), k
+    for b, rows in merged.items():
+        k, start = batches[b]
+        index = folds[k][1][start:start + len(rows)]
+        oof[index], fold_of[index] = rows, k
     return cv_report(items, oof, output_dir, name=name or "cross-validation", n_resamples=n_resamples,
                      seed=split_seed, fold=fold_of)

@@ -176,64 +176,76 @@ def markdown_table(summary: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def overlay_pairs(pairs: Sequence[tuple[int, int, str]], n_overlays: int) -> set[int]:
+    """Positions in ``pairs`` that get an overlay PNG: the first ``n_overlays`` pairs of each pairing."""
+    seen: dict[str, int] = {}
+    out = set()
+    for p, (_, _, kind) in enumerate(pairs):
+        if seen.get(kind, 0) < n_overlays:
+            seen[kind] = seen.get(kind, 0) + 1
+            out.add(p)
+    return out
+
+
 def run_evaluation(manifest: str | os.PathLike, ckpt_dir: str | os.PathLike, output_dir: str | os.PathLike,
                    image_size: int = 256, n_labelled: int = 5, test_fraction: float = 0.25, split_seed: int = 0,
                    methods: Sequence[str] = METHODS, n_overlays: int = 4, batch_size: int = 8,
                    bspline: dict | None = None, device: str | torch.device = "cpu", progress: bool = True,
-                   extra_note: str = "", pairing: str = "both") -> pd.DataFrame:
+                   extra_note: str = "", pairing: str = "both") -> pd.DataFrame | None:
     """Score every method on the held-out pairs (:func:`held_out_pairs`); write ``pairs.csv`` (one row per pair and
     method), ``summary.csv``/``summary.json``, ``report.md`` (table beside the paper's figures) and overlay PNGs
     (``overlays/<pairing>_<moving>_to_<fixed>_<method>.png`` for the first ``n_overlays`` pairs of each pairing).
-    Returns the summary."""
-    import time
+    Returns the summary.
 
-    from pipeline.registration.maps import warp, warp_labels
+    Sharded (torchrun, ``bundles/segreg/configs/multi_gpu_evaluate.json``; :class:`pipeline.io.sharding.RankGroup`):
+    the work items are the ``(method, batch of pairs)`` of a single process, in its order (batches keep their
+    pairs, so a network sees the same inputs); item ``k`` is registered and scored by rank ``k % world_size``,
+    which also renders the arrays of the overlay pairs it owns. Rank 0 gathers the rows and overlay arrays
+    (:meth:`~pipeline.io.sharding.RankGroup.merge`), draws every overlay and writes every file: the files equal a
+    single process's (same threads per process) bar the measured ``seconds_per_pair``. Other ranks write
+    nothing and return None. Every rank loads the pairs and each method's networks (a missing checkpoint stops
+    every rank alike)."""
+    from pipeline.io.sharding import RankGroup, flatten
     from pipeline.registration.overlay import save_registration_overlay
 
+    group = RankGroup.current("segreg evaluation")
     device = torch.device(device)
     out = Path(output_dir)
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    if group.rank == 0:
+        (out / "overlays").mkdir(parents=True, exist_ok=True)
     table, roles = load_roles(manifest, n_labelled, test_fraction, split_seed)
     rows = roles.test
     pairs = held_out_pairs(table, rows, pairing, seed=split_seed)
-    mov_all = torch.as_tensor(load_role_arrays(table, rows, "dxa_crop", image_size))
-    fix_all = torch.as_tensor(load_role_arrays(table, rows, "xray_crop", image_size))
-    mlab_all = torch.as_tensor(load_role_arrays(table, rows, "dxa_crop_labels", image_size))
-    flab_all = torch.as_tensor(load_role_arrays(table, rows, "xray_crop_labels", image_size, allow_xray_labels=True))
+    arrays = (torch.as_tensor(load_role_arrays(table, rows, "dxa_crop", image_size)),
+              torch.as_tensor(load_role_arrays(table, rows, "xray_crop", image_size)),
+              torch.as_tensor(load_role_arrays(table, rows, "dxa_crop_labels", image_size)),
+              torch.as_tensor(load_role_arrays(table, rows, "xray_crop_labels", image_size, allow_xray_labels=True)))
     knee = [f"{table['subject_id'].iloc[r]}_{table['side'].iloc[r]}" for r in rows]
-    records = []
-    for method in methods:
+    drawn = overlay_pairs(pairs, n_overlays)
+    batches = [(n, s) for n in range(len(methods)) for s in range(0, len(pairs), batch_size)]
+    mine = group.indices(len(batches))
+    per_batch: dict[int, list[tuple[dict, dict | None]]] = {}
+    for n, method in enumerate(methods):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
         nets = _models(Path(ckpt_dir), CHECKPOINTS.get(method, ()), device)
-        bar = tqdm(total=len(pairs), desc=f"evaluate {method}", unit="pair", disable=not progress)
-        drawn: dict[str, int] = {}
-        for s in range(0, len(pairs), batch_size):
-            chunk = pairs[s:s + batch_size]
-            mi = torch.tensor([p[0] for p in chunk])
-            fi = torch.tensor([p[1] for p in chunk])
-            m, f = mov_all[mi].to(device), fix_all[fi].to(device)
-            ml, fl = mlab_all[mi], flab_all[fi]
-            t0 = time.perf_counter()
-            phi = method_maps(method, m, f, ml, fl, nets, bspline)
-            dt = (time.perf_counter() - t0) / m.shape[0]
-            for b, sc in enumerate(pair_scores(phi, ml, fl)):
-                i, j, kind = chunk[b]
-                rec = {"pairing": kind, "moving": knee[i], "fixed": knee[j], "method": method, **sc,
-                       "seconds_per_pair": dt}
-                records.append(rec)
-                if drawn.get(kind, 0) < n_overlays:
-                    drawn[kind] = drawn.get(kind, 0) + 1
-                    warped = warp(m[b:b + 1], phi[b:b + 1])[0, 0].cpu().numpy()
-                    wl = warp_labels(ml[b:b + 1].to(device), phi[b:b + 1], method="nearest")[0, 0].cpu().numpy()
-                    name = f"{kind}_{knee[i]}_to_{knee[j]}_{method}.png"
-                    save_registration_overlay(out / "overlays" / name, f[b, 0].cpu().numpy(), m[b, 0].cpu().numpy(),
-                                              warped, phi[b].cpu().numpy(), fixed_labels=fl[b, 0].numpy(),
-                                              warped_labels=wl, title=f"{method}: DXA {knee[i]} -> radiograph {knee[j]}",
-                                              dice={n: rec[f"dice_{n}"] for n in BONES.values()},
-                                              fold_percent=rec["fold_percent"])
-            bar.update(len(chunk))
+        todo = [k for k in mine if batches[k][0] == n]
+        bar = tqdm(total=sum(len(pairs[batches[k][1]:batches[k][1] + batch_size]) for k in todo),
+                   desc=f"evaluate {method}{group.label}", unit="pair", disable=not progress)
+        for k in todo:
+            s = batches[k][1]
+            per_batch[k] = _score_batch(method, pairs, s, batch_size, arrays, knee, drawn, nets, bspline, device)
+            bar.update(len(per_batch[k]))
         bar.close()
+    merged = group.merge(per_batch)  # every rank's rows on rank 0, in single-process order
+    if merged is None:  # another rank of a sharded run: rank 0 writes every file
+        return None
+    records = []
+    for rec, overlay in flatten(merged):
+        records.append(rec)
+        if overlay is not None:
+            overlay = dict(overlay)
+            save_registration_overlay(out / "overlays" / overlay.pop("name"), **overlay)
     scores = pd.DataFrame.from_records(records)
     summary = summarise(scores)
     write_text_atomic(out / "pairs.csv", scores.to_csv(index=False))
@@ -252,6 +264,44 @@ def run_evaluation(manifest: str | os.PathLike, ckpt_dir: str | os.PathLike, out
               + (f"\n{extra_note}\n" if extra_note else ""))
     write_text_atomic(out / "report.md", report)
     return summary
+
+
+def _score_batch(method: str, pairs: Sequence[tuple[int, int, str]], start: int, batch_size: int,
+                 arrays: tuple[torch.Tensor, ...], knee: Sequence[str], drawn: set[int],
+                 nets: Sequence[torch.nn.Module], bspline: dict | None, device: torch.device
+                 ) -> list[tuple[dict, dict | None]]:
+    """One batch of :func:`run_evaluation` (pairs ``start .. start + batch_size - 1``): per pair its row of
+    ``pairs.csv`` and, for the pairs in ``drawn``, the overlay: its file ``name`` and the other keyword arguments
+    of :func:`pipeline.registration.overlay.save_registration_overlay` (numpy arrays, CPU), else None."""
+    import time
+
+    from pipeline.registration.maps import warp, warp_labels
+
+    mov_all, fix_all, mlab_all, flab_all = arrays
+    chunk = pairs[start:start + batch_size]
+    mi = torch.tensor([p[0] for p in chunk])
+    fi = torch.tensor([p[1] for p in chunk])
+    m, f = mov_all[mi].to(device), fix_all[fi].to(device)
+    ml, fl = mlab_all[mi], flab_all[fi]
+    t0 = time.perf_counter()
+    phi = method_maps(method, m, f, ml, fl, nets, bspline)
+    dt = (time.perf_counter() - t0) / m.shape[0]
+    done = []
+    for b, sc in enumerate(pair_scores(phi, ml, fl)):
+        i, j, kind = chunk[b]
+        rec = {"pairing": kind, "moving": knee[i], "fixed": knee[j], "method": method, **sc, "seconds_per_pair": dt}
+        overlay = None
+        if start + b in drawn:  # copies of the pair's arrays (a view would keep the whole batch alive)
+            warped = warp(m[b:b + 1], phi[b:b + 1])[0, 0].cpu().numpy()
+            wl = warp_labels(ml[b:b + 1].to(device), phi[b:b + 1], method="nearest")[0, 0].cpu().numpy()
+            overlay = {"name": f"{kind}_{knee[i]}_to_{knee[j]}_{method}.png",
+                       "fixed": f[b, 0].cpu().numpy().copy(), "moving": m[b, 0].cpu().numpy().copy(),
+                       "warped": warped, "phi": phi[b].detach().cpu().numpy().copy(),
+                       "fixed_labels": fl[b, 0].numpy().copy(), "warped_labels": wl,
+                       "title": f"{method}: DXA {knee[i]} -> radiograph {knee[j]}",
+                       "dice": {n: rec[f"dice_{n}"] for n in BONES.values()}, "fold_percent": rec["fold_percent"]}
+        done.append((rec, overlay))
+    return done
 
 
 def evaluation_methods(value: str | Sequence[str] | None) -> list[str]:
