@@ -315,6 +315,8 @@ def test_auto_backend_choice(monkeypatch):
     import pipeline.mris.knn as knn_module
 
     assert resolve_backend("auto") == ("faiss" if HAVE_FAISS else "torch")
+    assert resolve_backend("auto", n_queries=knn_module.FAISS_MIN_QUERIES) == resolve_backend("auto")
+    assert resolve_backend("auto", n_queries=knn_module.FAISS_MIN_QUERIES - 1) == "torch"  # a few knees: torch
     assert resolve_backend("auto", dtype=torch.float64) == "torch"
     assert resolve_backend("auto", device="cuda") == "torch"
     assert resolve_backend("numpy") == "numpy"

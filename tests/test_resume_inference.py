@@ -186,7 +186,8 @@ def _listed(out: Path) -> set[Path]:
 
 
 def _present(out: Path) -> set[Path]:
-    return {p for p in out.rglob("*") if p.is_file() and p.name not in BOOKKEEPING and p.name != "run.lock"}
+    return {p for p in out.rglob("*") if p.is_file() and p.name not in BOOKKEEPING and p.name != "run.lock"
+            and not p.name.startswith("run_progress.")}  # (an interrupted run's progress, marked stopped)
 
 
 def _mtimes(paths) -> dict[Path, int]:

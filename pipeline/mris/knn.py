@@ -3,7 +3,7 @@
 For a query radiograph embedding ``f(x)`` and database map embeddings ``g(y_i)``:
 
 1. ``s_i = cos(f(x), g(y_i))`` for every database item; keep the ``k`` largest (default 20), exactly
-   (:func:`cosine_topk`: faiss ``IndexFlatIP`` when installed, else blocked ``torch.mm`` + ``torch.topk``;
+   (:func:`cosine_topk`: faiss for large query batches when installed, else blocked ``torch.mm`` + ``torch.topk``;
    memory bounded by ``max_block_bytes``);
 2. weights ``w_i = s_i / sum_j s_j`` over the k neighbours (no softmax, no temperature). If
    ``sum_j s_j <= 1e-8`` (non-positive or numerically zero; only possible when the best neighbours are
@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "FAISS_MIN_QUERIES",
     "BACKENDS",
     "MAX_BLOCK_BYTES",
     "KNNResult",
@@ -143,20 +144,30 @@ def _compute_device(queries: Any, database: Any, device: torch.device | str | No
     return torch.device("cpu")
 
 
+#: ``backend="auto"`` takes faiss only for at least this many queries per call. Measured (faiss-cpu 1.15.1,
+#: 2 cores, 512-d, k = 20, N = 10^4 and 10^5, ``docs/scaling.md``): with fewer queries faiss's exact search
+#: does not use BLAS and ran 1.2-4.7x slower than our torch path (1 query: 1.2-1.7x; 100-200 queries: 3.3-4.7x);
+#: from 256 queries on it took 0.66-0.94x the torch time. Inference (a few knees per call) therefore uses
+#: torch, evaluation (every test knee in one call) faiss.
+FAISS_MIN_QUERIES = 256
+
+
 def resolve_backend(
     backend: str = "auto",
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    n_queries: int | None = None,
 ) -> str:
     """The backend :func:`cosine_topk` uses: ``backend`` itself, or for ``"auto"`` the fastest exact one
-    installed for a CPU float32 search (``"faiss"`` when importable, else ``"torch"``); ``"torch"`` on an
-    accelerator ``device`` or for another ``dtype``."""
+    installed for the search: ``"faiss"`` when importable, on the CPU in float32 and for at least
+    :data:`FAISS_MIN_QUERIES` queries (``n_queries``; ``None``: unknown, taken as many), else ``"torch"``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
     on_cpu = device is None or torch.device(device).type == "cpu"
-    return "faiss" if on_cpu and dtype == torch.float32 and faiss_available() else "torch"
+    many = n_queries is None or int(n_queries) >= FAISS_MIN_QUERIES
+    return "faiss" if on_cpu and dtype == torch.float32 and many and faiss_available() else "torch"
 
 
 def _select_topk(sims: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -395,8 +406,8 @@ def cosine_topk(
         db_chunk_size: database rows per block; default: from ``max_block_bytes`` (torch: up to 16,384 rows;
             faiss: up to 16,384 rows; numpy: as many as fit). Blocks are merged exactly, so block sizes
             never change the result.
-        backend: ``"auto"`` (default: ``"faiss"`` when installed and the search runs on the CPU in float32,
-            else ``"torch"``), ``"torch"`` (``torch.mm`` + ``torch.topk`` on ``device``, CPU or CUDA;
+        backend: ``"auto"`` (default: ``"faiss"`` when installed, the search runs on the CPU in float32 and
+            there are at least :data:`FAISS_MIN_QUERIES` queries, else ``"torch"``), ``"torch"`` (``torch.mm`` + ``torch.topk`` on ``device``, CPU or CUDA;
             ``torch.get_num_threads()`` threads), ``"faiss"`` (exact inner products of unit vectors,
             ``faiss.knn`` / ``IndexFlatIP``, float32, CPU) or ``"numpy"`` (brute-force full ``argsort``; slow reference for tests and
             benchmarks).
@@ -425,7 +436,7 @@ def cosine_topk(
     if max_block_bytes < 1:
         raise ValueError(f"max_block_bytes must be positive, got {max_block_bytes}")
     dev = _compute_device(queries, database, device)
-    backend = resolve_backend(backend, dev, dtype)
+    backend = resolve_backend(backend, dev, dtype, n_queries=int(queries.shape[0]))
     if backend == "faiss":
         if dtype != torch.float32:
             raise ValueError(f"backend='faiss' computes in float32, got dtype={dtype}")
