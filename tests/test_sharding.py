@@ -117,3 +117,44 @@ def test_block_sampler_ranks_concatenate_to_the_single_process_order(n, world):
     assert [len(s) for s in shares] == [len(DistributedSampler(data, even_divisible=False, num_replicas=world,
                                                                rank=r, shuffle=False)) for r in range(world)]
     assert [i for b in batch_indices(n, 3) for i in b] == data and all(len(b) <= 3 for b in batch_indices(n, 3))
+
+
+RANK_SCRIPT = '''
+import sys
+import torch.distributed as dist
+from pipeline.io.run_state import RunState
+
+dist.init_process_group("gloo")
+out = sys.argv[1]
+try:
+    with RunState(out, {"k": 1}, "demo run") as state:
+        done = {i: f"item{i}" for i, _ in state.mine(list(range(5)))}
+        merged = state.merge(done)
+        print(f"rank {dist.get_rank()} merged {merged}", flush=True)
+except Exception as e:
+    print(f"rank {dist.get_rank()} stopped: {type(e).__name__}: {e}", flush=True)
+dist.destroy_process_group()
+'''
+
+
+def test_under_torchrun_every_rank_learns_rank_0s_decision(tmp_path):
+    """Under torchrun (2 processes, gloo): rank 0 alone locks and decides; with the folder locked by another live
+    run both ranks stop with the lock error before writing; unlocked, rank 0 merges every item once in order."""
+    import subprocess
+
+    from dist_helpers import ROOT, torchrun
+
+    from pipeline.io.paths import output_lock
+    from pipeline.io.run_state import LOCK_FILE
+
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_SCRIPT)
+    out = tmp_path / "out"
+    with output_lock(out, LOCK_FILE, what="demo run"):  # this live process holds the folder
+        r = subprocess.run(torchrun() + [str(script), str(out)], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # neither rank wrote anything
+    assert r.stdout.count("stopped: OutputLockedError") == 2, (r.stdout + r.stderr)[-3000:]
+    r = subprocess.run(torchrun() + [str(script), str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "rank 0 merged {0: 'item0', 1: 'item1', 2: 'item2', 3: 'item3', 4: 'item4'}" in r.stdout, r.stdout
+    assert "rank 1 merged None" in r.stdout

@@ -42,6 +42,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import signal
 import threading
 import types
@@ -239,9 +240,9 @@ class RunState:
                     raise
                 error = e
             if group.sharded:
-                error, self.done = group.broadcast((error, self.done))
-                if error is not None:
-                    raise error
+                told, self.done = group.broadcast((_picklable(error), self.done))
+                if told is not None:
+                    raise error if error is not None else told  # rank 0 its own error, the others rank 0's
             self._journal = stack.enter_context(open(self._journal_path(), "a", encoding="utf-8"))
             stack.enter_context(sigterm_as_interrupt())
         except BaseException:
@@ -459,6 +460,17 @@ class RunState:
         for f in used:
             f.unlink(missing_ok=True)
         logger.warning("--overwrite: removed %d output file(s) of the earlier run in %s", len(rels), self.folder)
+
+
+def _picklable(error: BaseException | None) -> BaseException | None:
+    """``error`` itself when it can be sent to the other ranks (pickled), else a ``RuntimeError`` saying it."""
+    if error is None:
+        return None
+    try:
+        pickle.dumps(error)
+        return error
+    except Exception:  # noqa: BLE001 - e.g. an exception holding an open file
+        return RuntimeError(f"rank 0 stopped: {type(error).__name__}: {error}")
 
 
 def _folder_neutral(obj: Any, folder: Path) -> Any:
