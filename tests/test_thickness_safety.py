@@ -56,7 +56,10 @@ def _labels(path: Path, spacing=(0.7, 0.7, 0.7), dtype=np.uint8, nan_slab: bool 
 
 
 def _files(folder: Path) -> set[str]:
-    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    """Files below ``folder``, less an interrupted run's progress file (``run_progress.rank0.json``, marked
+    stopped: bookkeeping, not an output)."""
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()
+            and not p.name.startswith("run_progress.")}
 
 
 def _listed(df: pd.DataFrame) -> set[str]:
