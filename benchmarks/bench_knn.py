@@ -5,7 +5,8 @@ unit embeddings (``--n`` database rows x ``--dim``, ``--queries`` queries near r
 Times, each the fastest of ``--repeats`` interleaved rounds (the numpy reference runs once: it is slow):
 
 * ``ours``: :func:`pipeline.mris.knn.cosine_topk` with its defaults (``backend="auto"``: faiss when
-  installed, else torch; the database passed as a plain array, normalised and indexed inside the call);
+  installed and the query count is outside ``TORCH_QUERY_RANGE`` (20-249), else torch; the database passed as
+  a plain array, normalised and indexed inside the call);
 * ``ours torch``: the same with ``backend="torch"`` (blocked ``torch.mm`` + ``torch.topk``);
 * ``ours memmap``: ``ours`` on the database opened with ``np.load(mmap_mode="r")`` (``--memmap``);
 * ``plain torch``: one ``torch.topk(q @ db.T, k)`` over the whole ``Q x N`` matrix (pre-normalised tensors);
@@ -15,6 +16,11 @@ Times, each the fastest of ``--repeats`` interleaved rounds (the numpy reference
 
 Then the ratios ours / faiss, ours / plain torch and ours / numpy, and whether every method returned the
 same neighbour indices (in the same order) as the numpy reference.
+
+``--mode crossover``: where ``backend="auto"`` switches from torch to faiss. For each query count of
+``--query-counts`` (database ``--n`` rows), the fastest of ``--repeats`` rounds of ``cosine_topk`` with
+``backend="torch"`` and with ``backend="faiss"``; prints faiss / torch, the backend ``"auto"`` picks and whether
+it is the faster one (needs faiss).
 
 ``--mode synthesis``: the end-to-end synthesis benchmark (neighbours + weighted map average) against the
 public MRIS code's approach. For each database size N, two fresh subprocesses (one per method) build the same
@@ -38,6 +44,7 @@ LARGEST peak (the peak varies between identical runs with the allocator's per-th
 Usage:
     python benchmarks/bench_knn.py [--n 100000] [--queries 1000] [--dim 512] [--k 20] [--repeats 3] [--memmap]
     python benchmarks/bench_knn.py --quick            # 200 queries x 20,000 rows, 2 rounds
+    python benchmarks/bench_knn.py --mode crossover [--n 100000] [--query-counts 1 5 19 20 100 249 250 400 1000]
     python benchmarks/bench_knn.py --mode synthesis [--sizes 10000 100000] [--queries 1000] [--map-size 64]
 """
 
@@ -180,7 +187,7 @@ def run_search(args) -> None:
     k = args.k
     qt = torch.from_numpy(q)
     dbt = torch.from_numpy(emb)  # make_data's rows are unit vectors already
-    backend = resolve_backend("auto")
+    backend = resolve_backend("auto", n_queries=args.queries)
     print(
         f"k-NN search: {args.queries} queries x {args.n} database rows x {args.dim}-d float32, k = {k}, "
         f"{args.threads} threads (torch {torch.__version__}, faiss "
@@ -251,6 +258,38 @@ def run_search(args) -> None:
         tmp.cleanup()
 
 
+def run_crossover(args) -> None:
+    """faiss / torch time of ``cosine_topk`` per query count, and the backend ``"auto"`` picks (docstring)."""
+    import torch
+
+    from pipeline.mris.knn import TORCH_QUERY_RANGE, cosine_topk, faiss_available, resolve_backend
+
+    if not faiss_available():
+        print("--mode crossover compares faiss with torch: install faiss-cpu (pip install '.[faiss]')")
+        return
+    import faiss
+
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    q_all, emb, _, _ = make_data(args.n, max(args.query_counts), args.dim, 1, args.seed)
+    print(f"k-NN crossover: {args.n} database rows x {args.dim}-d float32, k = {args.k}, {args.threads} threads, "
+          f"faiss {faiss.__version__}; auto takes torch for {TORCH_QUERY_RANGE.start}-{TORCH_QUERY_RANGE.stop - 1} "
+          "queries, else faiss; "
+          f"fastest of {args.repeats} rounds")
+    print(f"{'queries':>8} {'torch s':>9} {'faiss s':>9} {'faiss/torch':>12} {'auto':>6}  auto faster?")
+    for nq in args.query_counts:
+        q = q_all[:nq]
+        best = {b: float("inf") for b in ("torch", "faiss")}
+        cosine_topk(q, emb[:1000], args.k, backend="faiss")  # warm-up: thread pools
+        for _ in range(args.repeats):
+            for b in best:
+                best[b] = min(best[b], _timed(lambda b=b, q=q: cosine_topk(q, emb, args.k, backend=b))[0])
+        auto = resolve_backend("auto", n_queries=nq)
+        other = "faiss" if auto == "torch" else "torch"
+        print(f"{nq:>8} {best['torch']:>9.4f} {best['faiss']:>9.4f} {best['faiss'] / best['torch']:>12.2f} "
+              f"{auto:>6}  {'yes' if best[auto] <= best[other] else 'no'}")
+
+
 def run_synthesis(args) -> None:
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -311,12 +350,14 @@ def run_synthesis(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=["search", "synthesis"], default="search")
+    p.add_argument("--mode", choices=["search", "crossover", "synthesis"], default="search")
     p.add_argument("--n", type=int, default=100_000, help="search: database rows N")
     p.add_argument(
         "--sizes", type=int, nargs="+", default=[10_000, 100_000], help="synthesis: database sizes"
     )
     p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--query-counts", type=int, nargs="+", default=[1, 5, 19, 20, 100, 249, 250, 400, 1000],
+                   help="crossover: query counts")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--map-size", type=int, default=64, help="synthesis: maps are S x S (paper grid: 310)")
     p.add_argument("--k", type=int, default=20)
@@ -341,6 +382,9 @@ def main() -> None:
             args.n, args.queries, args.repeats = 20_000, 200, args.repeats or 2
         args.repeats = args.repeats or 3
         run_search(args)
+    elif args.mode == "crossover":
+        args.repeats = args.repeats or 2
+        run_crossover(args)
     else:
         args.repeats = args.repeats or 2
         run_synthesis(args)

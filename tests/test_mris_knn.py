@@ -315,8 +315,10 @@ def test_auto_backend_choice(monkeypatch):
     import pipeline.mris.knn as knn_module
 
     assert resolve_backend("auto") == ("faiss" if HAVE_FAISS else "torch")
-    assert resolve_backend("auto", n_queries=knn_module.FAISS_MIN_QUERIES) == resolve_backend("auto")
-    assert resolve_backend("auto", n_queries=knn_module.FAISS_MIN_QUERIES - 1) == "torch"  # a few knees: torch
+    mid = knn_module.TORCH_QUERY_RANGE
+    for n in (1, mid.start - 1, mid.stop, 10_000):  # where faiss was measured faster
+        assert resolve_backend("auto", n_queries=n) == resolve_backend("auto")
+    assert resolve_backend("auto", n_queries=mid.start) == resolve_backend("auto", n_queries=mid.stop - 1) == "torch"
     assert resolve_backend("auto", dtype=torch.float64) == "torch"
     assert resolve_backend("auto", device="cuda") == "torch"
     assert resolve_backend("numpy") == "numpy"

@@ -3,7 +3,7 @@
 For a query radiograph embedding ``f(x)`` and database map embeddings ``g(y_i)``:
 
 1. ``s_i = cos(f(x), g(y_i))`` for every database item; keep the ``k`` largest (default 20), exactly
-   (:func:`cosine_topk`: faiss for large query batches when installed, else blocked ``torch.mm`` + ``torch.topk``;
+   (:func:`cosine_topk`: faiss when installed, but for mid-size query batches, else blocked ``torch.mm`` + ``torch.topk``;
    memory bounded by ``max_block_bytes``);
 2. weights ``w_i = s_i / sum_j s_j`` over the k neighbours (no softmax, no temperature). If
    ``sum_j s_j <= 1e-8`` (non-positive or numerically zero; only possible when the best neighbours are
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 __all__ = [
-    "FAISS_MIN_QUERIES",
+    "TORCH_QUERY_RANGE",
     "BACKENDS",
     "MAX_BLOCK_BYTES",
     "KNNResult",
@@ -144,12 +144,11 @@ def _compute_device(queries: Any, database: Any, device: torch.device | str | No
     return torch.device("cpu")
 
 
-#: ``backend="auto"`` takes faiss only for at least this many queries per call. Measured (faiss-cpu 1.15.1,
-#: 2 cores, 512-d, k = 20, N = 10^4 and 10^5, ``docs/scaling.md``): with fewer queries faiss's exact search
-#: does not use BLAS and ran 1.2-4.7x slower than our torch path (1 query: 1.2-1.7x; 100-200 queries: 3.3-4.7x);
-#: from 256 queries on it took 0.66-0.94x the torch time. Inference (a few knees per call) therefore uses
-#: torch, evaluation (every test knee in one call) faiss.
-FAISS_MIN_QUERIES = 256
+#: Query counts per call for which ``backend="auto"`` takes torch although faiss is installed. Measured
+#: (``python benchmarks/bench_knn.py --mode crossover``; faiss-cpu 1.15.1, 2 cores, 512-d, k = 20, N = 10^4 and
+#: 10^5): faiss's exact search scans without BLAS up to 249 queries, which took 1.2-4.0x the torch path's time
+#: from 20 queries on; below 20 queries faiss took 0.43-1.09x (about as fast or faster), from 250 on 0.62-0.83x.
+TORCH_QUERY_RANGE = range(20, 250)
 
 
 def resolve_backend(
@@ -159,15 +158,15 @@ def resolve_backend(
     n_queries: int | None = None,
 ) -> str:
     """The backend :func:`cosine_topk` uses: ``backend`` itself, or for ``"auto"`` the fastest exact one
-    installed for the search: ``"faiss"`` when importable, on the CPU in float32 and for at least
-    :data:`FAISS_MIN_QUERIES` queries (``n_queries``; ``None``: unknown, taken as many), else ``"torch"``."""
+    installed for the search: ``"faiss"`` when importable, on the CPU in float32 and for a number of queries
+    (``n_queries``; ``None``: unknown) outside :data:`TORCH_QUERY_RANGE`, else ``"torch"``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
     on_cpu = device is None or torch.device(device).type == "cpu"
-    many = n_queries is None or int(n_queries) >= FAISS_MIN_QUERIES
-    return "faiss" if on_cpu and dtype == torch.float32 and many and faiss_available() else "torch"
+    faiss_wins = n_queries is None or int(n_queries) not in TORCH_QUERY_RANGE
+    return "faiss" if on_cpu and dtype == torch.float32 and faiss_wins and faiss_available() else "torch"
 
 
 def _select_topk(sims: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -407,7 +406,7 @@ def cosine_topk(
             faiss: up to 16,384 rows; numpy: as many as fit). Blocks are merged exactly, so block sizes
             never change the result.
         backend: ``"auto"`` (default: ``"faiss"`` when installed, the search runs on the CPU in float32 and
-            there are at least :data:`FAISS_MIN_QUERIES` queries, else ``"torch"``), ``"torch"`` (``torch.mm`` + ``torch.topk`` on ``device``, CPU or CUDA;
+            the number of queries is outside :data:`TORCH_QUERY_RANGE`, else ``"torch"``), ``"torch"`` (``torch.mm`` + ``torch.topk`` on ``device``, CPU or CUDA;
             ``torch.get_num_threads()`` threads), ``"faiss"`` (exact inner products of unit vectors,
             ``faiss.knn`` / ``IndexFlatIP``, float32, CPU) or ``"numpy"`` (brute-force full ``argsort``; slow reference for tests and
             benchmarks).
