@@ -102,3 +102,19 @@ def test_other_checkpoints_are_refused_unless_overwrite(knees, checkpoints, tmp_
     df = run_inference(knees, out, checkpoints[1], progress=False, overwrite=True)
     assert (df["checkpoints"].dropna() == str(checkpoints[1])).all() and len(df) == len(first)
     assert not df["p_any"].equals(first["p_any"])  # predicted again by the other network
+
+
+def test_two_ranks_under_torchrun_write_what_one_process_writes(knees, checkpoints, tmp_path):
+    """multi_gpu_inference.json: 2 CPU processes (gloo) share the knees (knee k -> rank k % 2), rank 0 writes both
+    tables in knee order: every file byte for byte as one process, each knee listed once."""
+    from dist_helpers import ROOT, assert_same_files, run_one_and_two
+
+    configs = ROOT / "bundles" / "progression_mr" / "configs"
+    one, two = tmp_path / "one", tmp_path / "two"
+    _, r2 = run_one_and_two("inference", [configs / "inference.json"], configs / "multi_gpu_inference.json", one,
+                            two, input=str(knees), checkpoint=[str(p) for p in checkpoints])
+    assert "rank 0/2" in r2.stderr and "rank 1/2" in r2.stderr  # both ranks predicted (per-rank progress bars)
+    files = assert_same_files(one, two)
+    assert {"predictions.csv", "outputs.csv", "run_items.jsonl"} <= set(files)
+    df = pd.read_csv(two / "predictions.csv", dtype=str, keep_default_na=False)
+    assert len(df) == 4 and df["item"].is_unique and (df["status"] == "failed").sum() == 1
