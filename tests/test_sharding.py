@@ -158,3 +158,12 @@ def test_under_torchrun_every_rank_learns_rank_0s_decision(tmp_path):
     r = subprocess.run(torchrun() + [str(script), str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert "rank 0 merged {0: 'item0', 1: 'item1', 2: 'item2', 3: 'item3', 4: 'item4'}" in r.stdout, r.stdout
     assert "rank 1 merged None" in r.stdout
+
+
+def test_the_bar_counts_every_item_even_between_progress_file_writes(tmp_path):
+    bar = RunProgress(tmp_path, 3, "demo run", enabled=False, every_s=3600.0)  # the file is written once, at start
+    for status in ("done", "failed", "kept"):
+        bar.update(status)
+    assert bar.bar.postfix == "failed=1, left=0"
+    assert read_progress(tmp_path)[0]["done"] == 0  # (the file waits for its interval)
+    bar.close()

@@ -125,6 +125,7 @@ class RunProgress:
         self.total = int(total)
         self.started = time.time()
         self._last = 0.0
+        self._total = ""  # rank 0 of a sharded run: the last total of every rank, for the bar
         label = desc + (f" (rank {self.rank}/{self.world_size})" if self.world_size > 1 else "")
         self.bar = tqdm(total=self.total, desc=label, unit=unit, disable=not enabled, file=sys.stderr)
         self._write("running", force=True)
@@ -151,22 +152,25 @@ class RunProgress:
                 "updated": now, "state": state}
 
     def _write(self, state: str, force: bool = False) -> None:
+        """Update the bar's counts (every call) and, at most every ``every_s`` seconds (or when ``force``d), write
+        the progress file and, on rank 0 of a sharded run, read the other ranks' files for the total."""
         now = time.monotonic()
-        if not force and now - self._last < self.every_s:
-            return
-        self._last = now
+        due = force or now - self._last >= self.every_s
         rec = self.record(state)
-        if self.folder is not None:
-            try:
-                write_text_atomic(progress_file(self.folder, self.rank), json.dumps(rec))
-            except OSError:  # progress must never stop a run
-                pass
-        left = self.total - rec["done"] - rec["failed"]
-        post = {"failed": rec["failed"], "left": left}
-        if self.world_size > 1 and self.rank == 0 and self.folder is not None:
-            others = [r for r in read_progress(self.folder) if int(r.get("rank", -1)) != self.rank]
-            t = combine([rec, *others])
-            post["all"] = f"{t['done']}/{t['total']} done, {t['failed']} failed, ETA {format_eta(t['eta_s'])}"
+        if due:
+            self._last = now
+            if self.folder is not None:
+                try:
+                    write_text_atomic(progress_file(self.folder, self.rank), json.dumps(rec))
+                except OSError:  # progress must never stop a run
+                    pass
+            if self.world_size > 1 and self.rank == 0 and self.folder is not None:
+                others = [r for r in read_progress(self.folder) if int(r.get("rank", -1)) != self.rank]
+                t = combine([rec, *others])
+                self._total = f"{t['done']}/{t['total']} done, {t['failed']} failed, ETA {format_eta(t['eta_s'])}"
+        post = {"failed": rec["failed"], "left": self.total - rec["done"] - rec["failed"]}
+        if self._total:
+            post["all"] = self._total
         self.bar.set_postfix(post, refresh=False)
 
     def close(self, completed: bool = True) -> None:
