@@ -56,7 +56,7 @@ from pipeline.io.atomic import remove_partials, write_text_atomic
 from pipeline.io.paths import contained_path, output_lock
 from pipeline.io.progress import RunProgress
 from pipeline.io.results import OUTPUTS_MANIFEST
-from pipeline.io.sharding import RankGroup
+from pipeline.io.sharding import RankGroup, join_items
 from pipeline.user_errors import UserInputError
 
 __all__ = ["JOURNAL_FILE", "LOCK_FILE", "SETTINGS_FILE", "RunSettingsError", "RunState", "describe", "file_stamp",
@@ -283,15 +283,11 @@ class RunState:
         parts = group.gather((dict(per_item), sorted(self.reached), self._index))
         if parts is None:
             return None
-        merged: dict[int, T] = {}
-        for part, reached, index in parts:
-            if set(part) & set(merged):
-                raise ValueError(f"items {sorted(set(part) & set(merged))} of the {self.what} were done by two ranks")
-            merged.update(part)
+        for _, reached, index in parts:
             self.reached.update(reached)
             self._index.update(index)
         self._write_merged_journal(self._read_journal())
-        return dict(sorted(merged.items()))
+        return join_items((part for part, _, _ in parts), self.what)
 
     def previous(self, key: str, stamp: str = "") -> dict | None:
         """The earlier run's journal entry of ``key`` (``item, stamp, outputs, record``) when it can be kept: same

@@ -14,11 +14,10 @@ configs call ``torch.cuda.set_device(LOCAL_RANK)`` first, as model-zoo does.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
-__all__ = ["RankGroup", "flatten", "shard_indices", "torch_device"]
+__all__ = ["RankGroup", "flatten", "join_items", "shard_indices"]
 
 T = TypeVar("T")
 
@@ -28,15 +27,6 @@ def shard_indices(n: int, rank: int = 0, world_size: int = 1) -> list[int]:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank must be in 0..world_size-1 (got rank {rank}, world_size {world_size})")
     return list(range(int(rank), int(n), int(world_size)))
-
-
-def torch_device(prefer_cuda: bool = True):
-    """This process's device: ``cuda:LOCAL_RANK`` when CUDA is there (torchrun sets ``LOCAL_RANK``), else CPU."""
-    import torch
-
-    if prefer_cuda and torch.cuda.is_available():
-        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-    return torch.device("cpu")
 
 
 class RankGroup:
@@ -83,10 +73,6 @@ class RankGroup:
         """``" (rank r/W)"`` for a sharded run (progress bars, log lines), ``""`` for one process."""
         return f" (rank {self.rank}/{self.world_size})" if self.sharded else ""
 
-    def owns(self, index: int) -> bool:
-        """Whether item ``index`` is this rank's."""
-        return int(index) % self.world_size == self.rank
-
     def indices(self, n: int) -> list[int]:
         """This rank's indices among ``n`` items (:func:`shard_indices`)."""
         return shard_indices(n, self.rank, self.world_size)
@@ -113,37 +99,24 @@ class RankGroup:
         self._dist.gather_object(obj, out, dst=0)
         return out
 
-    def all_gather(self, obj: Any) -> list:
-        """Every rank's ``obj`` (rank order) on every rank."""
-        if self._dist is None:
-            return [obj]
-        out = [None] * self.world_size
-        self._dist.all_gather_object(out, obj)
-        return out
-
-    def barrier(self) -> None:
-        """Wait for every rank."""
-        if self._dist is not None:
-            self._dist.barrier()
-
     def merge(self, per_item: Mapping[int, T]) -> dict[int, T] | None:
         """Every rank's ``{index: result}`` joined on rank 0, in index order (``None`` on the other ranks). An
         index that two ranks both report is a bug in the caller's sharding: ``ValueError``."""
         parts = self.gather(dict(per_item))
-        if parts is None:
-            return None
-        merged: dict[int, T] = {}
-        for part in parts:
-            for k in part:
-                if k in merged:
-                    raise ValueError(f"item {k} of the {self.what} was done by two ranks")
-            merged.update(part)
-        return dict(sorted(merged.items()))
+        return None if parts is None else join_items(parts, self.what)
 
-    def first_error(self, error: BaseException | None) -> BaseException | None:
-        """Rank 0's ``error`` (or ``None``) on every rank: rank 0 decides (the lock, the settings check) and the
-        other ranks stop with the same error before they write anything."""
-        return self.broadcast(error)
+
+
+def join_items(parts: Iterable[Mapping[int, T]], what: str = "run") -> dict[int, T]:
+    """The ranks' ``{index: result}`` parts as one dict in index order; an index in two parts is a bug in the
+    caller's sharding: ``ValueError``."""
+    merged: dict[int, T] = {}
+    for part in parts:
+        twice = sorted(set(part) & set(merged))
+        if twice:
+            raise ValueError(f"items {twice} of the {what} were done by two ranks")
+        merged.update(part)
+    return dict(sorted(merged.items()))
 
 
 def flatten(per_item: Mapping[int, Iterable[T]]) -> list[T]:

@@ -72,6 +72,7 @@ from pipeline.io.results import (
     write_manifest,
 )
 from pipeline.io.run_state import RunState, file_stamp, weights_digest
+from pipeline.io.sharding import flatten
 from pipeline.io.validate import radiograph_problems
 from pipeline.landmarks.data import normalise_canvas
 from pipeline.landmarks.engine import LandmarkCheckpointError, load_landmark_model
@@ -551,8 +552,8 @@ def run_folder(input: PathLike, output_dir: PathLike, global_ckpt: Checkpoints, 
 
 def _joined(per_file: dict[int, tuple[list, list]]) -> tuple[list, list]:
     """The rows and manifest rows of ``per_file`` (file index -> both), in file order."""
-    order = sorted(per_file)
-    return [r for i in order for r in per_file[i][0]], [m for i in order for m in per_file[i][1]]
+    return (flatten({i: rows for i, (rows, _) in per_file.items()}),
+            flatten({i: manifest for i, (_, manifest) in per_file.items()}))
 
 
 def _settings(loc: KneeLocaliser, overlays: bool, dicom: bool) -> dict[str, Any]:
